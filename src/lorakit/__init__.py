@@ -1,0 +1,73 @@
+"""lorakit: LoRA fine-tuning for PyTorch models, with PEFT-format adapters."""
+
+from lorakit.adapters import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disabled,
+    get_config,
+    list_adapters,
+    merge,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from lorakit.config import LoraConfig
+from lorakit.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ConfigError,
+    DataError,
+    FormatError,
+    IncompatibleAdapterError,
+    LorakitError,
+    MergeError,
+    ModelNotFoundError,
+    TargetNotFoundError,
+)
+from lorakit.inject import find_targets
+from lorakit.io.adapters import load_adapter, save_adapter
+from lorakit.state import adapter_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterExistsError",
+    "AdapterNotFoundError",
+    "ConfigError",
+    "DataError",
+    "FormatError",
+    "IncompatibleAdapterError",
+    "LoraConfig",
+    "LorakitError",
+    "MergeError",
+    "ModelNotFoundError",
+    "TargetNotFoundError",
+    "__version__",
+    "active_adapters",
+    "adapter_state_dict",
+    "add_adapter",
+    "delete_adapter",
+    "disabled",
+    "find_targets",
+    "get_config",
+    "list_adapters",
+    "load_adapter",
+    "load_model",
+    "merge",
+    "print_trainable_parameters",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]
+
+
+def load_model(name_or_path: str, **kwargs):
+    """Load a model and tokenizer (see `lorakit.models.load_model`); needs the ``hf`` extra."""
+    from lorakit.models import load_model as _load
+
+    return _load(name_or_path, **kwargs)

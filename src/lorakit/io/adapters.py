@@ -1,0 +1,79 @@
+"""Save and load adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.adapters import active_adapters, add_adapter, delete_adapter, get_config, list_adapters
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterExistsError, IncompatibleAdapterError, TargetNotFoundError
+from lorakit.io.checkpoint import read_adapter_dir, write_adapter_dir
+from lorakit.io.peft_format import CONFIG_NAME, from_peft_state, to_peft_state
+from lorakit.layers import ModulesToSave
+from lorakit.state import adapter_state_dict, load_adapter_state_dict
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | Sequence[str] | None = "default") -> None:
+    """Write adapter ``name`` to the folder ``path`` in PEFT's format, atomically (file by file).
+
+    Several names (or None for all) use PEFT's layout: "default" in ``path`` itself, the others in
+    ``path/<name>/``.
+    """
+    if isinstance(name, str):
+        _save_one(model, Path(path), name)
+        return
+    names = list_adapters(model) if name is None else list(name)
+    for n in names:
+        _save_one(model, Path(path) if n == "default" else Path(path) / n, n)
+
+
+def _save_one(model: nn.Module, path: Path, name: str) -> None:
+    config = get_config(model, name)
+    tensors = to_peft_state(adapter_state_dict(model, name, config.bias), name)
+    write_adapter_dir(path, dataclasses.replace(config, inference_mode=True).to_dict(), tensors)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, trainable: bool = False) -> str:
+    """Load a PEFT-format adapter folder into ``model`` (injecting LoRA layers as needed).
+
+    The first adapter on a model becomes active; later ones are loaded inactive (use `set_adapter`). On any
+    error the model is left exactly as it was.
+
+    Args:
+        model: The base model (with or without other adapters).
+        path: Folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``).
+        name: Name to load it under (default "default").
+        trainable: Make the adapter trainable (freezing everything else) instead of frozen.
+
+    Returns:
+        The adapter's name.
+
+    Raises:
+        FormatError: missing or corrupt files.
+        IncompatibleAdapterError: the adapter does not fit this model.
+        AdapterExistsError: ``name`` is already loaded.
+    """
+    name = "default" if name is None else name
+    if name in list_adapters(model):
+        raise AdapterExistsError(f"an adapter named {name!r} is already loaded; pass name='...' to load it as another")
+    raw, file_state = read_adapter_dir(path)
+    config = LoraConfig.from_dict(raw, source=str(Path(path) / CONFIG_NAME))
+    config = dataclasses.replace(config, inference_mode=not trainable)
+    try:
+        add_adapter(model, config, name, activate=not active_adapters(model), trainable=trainable)
+    except TargetNotFoundError as exc:
+        raise IncompatibleAdapterError(f"adapter {str(path)!r} does not fit {type(model).__name__}: {exc}") from exc
+    try:
+        expected = list(adapter_state_dict(model, name, config.bias))
+        saved = [p for p, m in model.named_modules() if isinstance(m, ModulesToSave)]
+        state = from_peft_state(file_state, expected, name, saved)
+        load_adapter_state_dict(model, state, name, config.bias, source=f"adapter {str(path)!r}")
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return name

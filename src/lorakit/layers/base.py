@@ -1,0 +1,174 @@
+"""`LoraLayer`: the one place that owns adapter bookkeeping, forward composition and merge/unmerge.
+
+A LoRA layer wraps (never copies or subclasses) a frozen base module, kept at ``.base_layer``, and adds for each
+named adapter a low-rank update (Hu et al. 2021, eq. 3): ``h = base(x) + scaling * B(A(dropout(x)))``.
+Subclasses only say how to create ``A``/``B`` for their module type, how to run the low-rank branch, and how to
+express ``scaling * B A`` in the base weight's layout (`delta_weight`); merging is written once, here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.errors import AdapterNotFoundError, MergeError
+
+
+class LoraLayer(nn.Module):
+    """Base class of every LoRA wrapper. Subclasses set `adapter_attrs` and implement the abstract methods."""
+
+    # Attributes (nn.ModuleDict / nn.ParameterDict keyed by adapter name) that hold an adapter's factors.
+    adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.train(base_layer.training)
+
+    # ---- pass-through attributes that model code reads from the module it thinks it has ------------------
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight (model code often reads ``layer.weight.dtype`` / ``.device``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias."""
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
+        return list(self.r)
+
+    # ---- to implement per module type ---------------------------------------------------------------------
+    def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def _init_factors(self, name: str, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        """The low-rank branch ``scaling * B(A(dropout(x)))`` for adapter ``name``."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """``scaling * B A`` in the base weight's layout and shape, computed in fp32."""
+        raise NotImplementedError
+
+    # ---- adapters -----------------------------------------------------------------------------------------
+    def update_layer(
+        self, name: str, r: int, lora_alpha: float, lora_dropout: float, init: bool | str, use_rslora: bool
+    ) -> None:
+        """Add adapter ``name`` of rank ``r`` to this layer (inactive until `set_active`)."""
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        # nn.Identity returns x itself: with dropout 0 the branch makes no copy of the input.
+        self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        weight = self.base_layer.weight
+        # Low-precision bases get fp32 adapters: small updates vanish in bf16/fp16 optimizer steps.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self._create_factors(name, r, dtype, weight.device)
+        self._init_factors(name, init)
+        for attr in (*self.adapter_attrs, "lora_dropout"):
+            entry = getattr(self, attr)[name]
+            if isinstance(entry, nn.Module):
+                entry.train(self.training)  # adding to a model in eval mode must not switch dropout on
+
+    def delete(self, name: str) -> None:
+        """Remove adapter ``name`` and free its tensors."""
+        self._require(name)
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is merged into {self.base_layer!r}; unmerge before deleting it")
+        for attr in (*self.adapter_attrs, "lora_dropout"):
+            del getattr(self, attr)[name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: list[str]) -> None:
+        """Activate exactly the adapters in ``names`` that this layer holds (their updates add)."""
+        self.active_adapters = [n for n in names if n in self.r]
+
+    def adapter_tensors(self, name: str) -> dict[str, Tensor]:
+        """This adapter's factor tensors, keyed relative to this layer (``lora_A.<name>.weight`` ...)."""
+        self._require(name)
+        out: dict[str, Tensor] = {}
+        for attr in self.adapter_attrs:
+            entry = getattr(self, attr)[name]
+            if isinstance(entry, nn.Parameter):
+                out[f"{attr}.{name}"] = entry
+            else:
+                out.update({f"{attr}.{name}.{k}": p for k, p in entry.named_parameters()})
+        return out
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """Trainable parameters of adapter ``name``."""
+        yield from self.adapter_tensors(name).values()
+
+    def _require(self, name: str) -> None:
+        if name not in self.r:
+            raise AdapterNotFoundError(f"adapter {name!r} is not on this layer; it has {self.adapter_names}")
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters:  # already inside base_layer.weight
+                continue
+            result = result + self.lora_forward(x, name).to(result.dtype)
+        return result
+
+    # ---- merge --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Add ``scaling * B A`` into the base weight (idempotent)."""
+        self._require(name)
+        if name in self.merged_adapters:
+            return
+        weight = self.base_layer.weight
+        delta = self.delta_weight(name)
+        if not torch.isfinite(delta).all():
+            raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
+        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str | None = None) -> None:
+        """Subtract merged updates again (the most recent first); ``name=None`` unmerges all."""
+        names = list(reversed(self.merged_adapters)) if name is None else [name]
+        weight = self.base_layer.weight
+        for n in names:
+            if n not in self.merged_adapters:
+                raise MergeError(f"adapter {n!r} is not merged on {self.base_layer!r}; nothing to unmerge")
+            weight.sub_(self.delta_weight(n).to(device=weight.device, dtype=weight.dtype))
+            self.merged_adapters.remove(n)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
+        return f"adapters={{{ranks}}}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def kaiming_a(weight: Tensor) -> None:
+    """Kaiming-uniform init of A (the default ``nn.Linear`` init, a=sqrt(5)), as in the LoRA reference code."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Yield ``(dotted_path, layer)`` for every LoRA layer in ``model``, in module order."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module

@@ -1,0 +1,57 @@
+"""LoRA for ``nn.Embedding``: the low-rank update is a (num_embeddings, dim) table ``(B A)^T``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.layers.base import LoraLayer
+
+
+class LoraEmbedding(LoraLayer):
+    """``y = E[x] + scaling * (A^T)[x] B^T`` with ``A: (r, num_embeddings)``, ``B: (dim, r)``.
+
+    PEFT's layout and names (``lora_embedding_A`` / ``lora_embedding_B`` as bare parameters) are kept so the
+    saved keys match. The input is token ids, so there is no dropout on this branch.
+    """
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()  # adapter -> (r, num_embeddings)
+        self.lora_embedding_B = nn.ParameterDict()  # adapter -> (embedding_dim, r)
+
+    def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.num_embeddings, dtype=dtype, device=device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.embedding_dim, r, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def _init_factors(self, name: str, init: bool | str) -> None:
+        # As in PEFT: A (the table indexed by token) starts at zero and B is normal, so the update is a no-op.
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        nn.init.normal_(b)
+        if init is False:
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        base = self.base_layer
+        rows = F.embedding(  # (..., r)
+            x,
+            self.lora_embedding_A[name].T,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        return (rows @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
+
+    def delta_weight(self, name: str) -> Tensor:
+        a = self.lora_embedding_A[name].float()  # (r, num_embeddings)
+        b = self.lora_embedding_B[name].float()  # (dim, r)
+        return (b @ a).T * self.scaling[name]  # (num_embeddings, dim)

@@ -1,0 +1,61 @@
+"""LoRA for linear maps: ``nn.Linear`` (and subclasses) and GPT-2 style ``Conv1D`` (weight stored (in, out))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.layers.base import LoraLayer, kaiming_a
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2) and its subclasses, without importing transformers."""
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D`` (whose weight is (in, out))."""
+    rows, cols = module.weight.shape
+    return (rows, cols) if is_hf_conv1d(module) else (cols, rows)
+
+
+class LoraLinear(LoraLayer):
+    """``y = base(x) + scaling * B(A(dropout(x)))`` with ``A: (r, in)``, ``B: (out, r)``.
+
+    Args:
+        base_layer: The frozen ``nn.Linear`` or ``Conv1D``; kept as ``self.base_layer``, never copied.
+        fan_in_fan_out: True when the base weight is stored (in, out); only the merge layout changes.
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = linear_shape(base_layer)
+        self.lora_A = nn.ModuleDict()  # adapter -> nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.ModuleDict()  # adapter -> nn.Linear(r, out_features, bias=False)
+
+    def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+
+    @torch.no_grad()
+    def _init_factors(self, name: str, init: bool | str) -> None:
+        if init is False:  # both factors random (nn.Linear's init): not a no-op, for tests
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1.0 / self.r[name])
+        else:
+            kaiming_a(self.lora_A[name].weight)
+        nn.init.zeros_(self.lora_B[name].weight)  # B = 0: a fresh adapter is a no-op
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        h = F.linear(self.lora_dropout[name](x).to(a.dtype), a)  # (..., r)
+        return F.linear(h, b) * self.scaling[name]  # (..., out_features)
+
+    def delta_weight(self, name: str) -> Tensor:
+        a = self.lora_A[name].weight.float()  # (r, in)
+        b = self.lora_B[name].weight.float()  # (out, r)
+        delta = (b @ a) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
