@@ -66,10 +66,11 @@ def _selected(config: LoraConfig, name: str, module: nn.Module, head: nn.Module 
     spec = config.target_modules
     if spec == ALL_LINEAR:
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        return is_linear(base) and base is not head
-    if not matches(DEFAULT_TARGETS if spec is None else spec, name):
+        if not is_linear(base) or base is head:
+            return False
+    elif not matches(DEFAULT_TARGETS if spec is None else spec, name):
         return False
-    if config.layers_to_transform is not None and not isinstance(spec, str):
+    if config.layers_to_transform is not None and (spec == ALL_LINEAR or not isinstance(spec, str)):
         return _layer_index(name, config.layers_pattern) in config.layers_to_transform
     return True
 
