@@ -97,9 +97,10 @@ def add_adapter(
 ) -> nn.Module:
     """Inject a new adapter into ``model`` in place and return ``model``.
 
-    With ``trainable`` (the default) every parameter except this adapter's (and its ``modules_to_save`` copies
-    and, with ``bias`` != "none", the biases it trains) is frozen; otherwise the adapter's own parameters are
-    frozen and the rest keep their flags. New modules take the model's current train/eval mode.
+    The base model is frozen from the first adapter on. With ``trainable`` (the default) every parameter except
+    this adapter's (and its ``modules_to_save`` copies and, with ``bias`` != "none", the biases it trains) is
+    frozen; otherwise the adapter's own parameters are frozen too and other adapters keep their flags.
+    New modules take the model's current train/eval mode.
 
     Args:
         model: Any ``nn.Module`` (a transformers model stays one: ``generate``, ``save_pretrained`` keep working).
@@ -126,12 +127,14 @@ def add_adapter(
         raise
     if first:
         model.__dict__[STATE_ATTR] = state
+    fan_in_fan_out = any(getattr(model.get_submodule(t), "fan_in_fan_out", False) for t in targets)
     state.configs[name] = dataclasses.replace(
         config,
         target_modules=resolved_targets(model, targets),
+        fan_in_fan_out=config.fan_in_fan_out or fan_in_fan_out,
         base_model_name_or_path=config.base_model_name_or_path or _model_name(model),
     )
-    if trainable:
+    if trainable or first:  # the base is frozen from the first adapter on
         for p in model.parameters():
             p.requires_grad_(False)
     for p in trainable_parameters_of(model, name, config.bias):

@@ -7,14 +7,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lorakit.adapters import active_adapters, add_adapter, delete_adapter, get_config, list_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterExistsError, IncompatibleAdapterError, TargetNotFoundError
 from lorakit.io.checkpoint import read_adapter_dir, write_adapter_dir
-from lorakit.io.peft_format import CONFIG_NAME, from_peft_state, to_peft_state
-from lorakit.layers import ModulesToSave
+from lorakit.io.peft_format import CONFIG_NAME, PREFIX, from_peft_state, to_peft_state
+from lorakit.layers import LoraEmbedding, ModulesToSave, iter_lora_layers
 from lorakit.state import adapter_state_dict, load_adapter_state_dict
 
 
@@ -36,6 +37,28 @@ def _save_one(model: nn.Module, path: Path, name: str) -> None:
     config = get_config(model, name)
     tensors = to_peft_state(adapter_state_dict(model, name, config.bias), name)
     write_adapter_dir(path, dataclasses.replace(config, inference_mode=True).to_dict(), tensors)
+
+
+def _saved_base_embeddings(model: nn.Module, state: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pop the full base embedding matrices PEFT saves next to embedding adapters (``save_embedding_layers``).
+
+    PEFT writes them so that an adapter trained after resizing the vocabulary carries its new rows; loading puts
+    them into the base embedding, as PEFT does. A shape that does not fit is an `IncompatibleAdapterError`.
+    """
+    out, problems = [], []
+    for path, layer in iter_lora_layers(model):
+        key = PREFIX + f"{path}.base_layer.weight"
+        if isinstance(layer, LoraEmbedding) and key in state:
+            value, weight = state.pop(key), layer.base_layer.weight
+            if value.shape != weight.shape:
+                problems.append(f"{path}: saved embedding {tuple(value.shape)} vs model {tuple(weight.shape)}")
+            out.append((weight, value))
+    if problems:
+        raise IncompatibleAdapterError(
+            "the adapter's saved embeddings do not fit (was the vocabulary resized? resize the model's token "
+            "embeddings to the adapter's vocabulary first): " + "; ".join(problems)
+        )
+    return out
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, trainable: bool = False) -> str:
@@ -72,7 +95,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         expected = list(adapter_state_dict(model, name, config.bias))
         saved = [p for p, m in model.named_modules() if isinstance(m, ModulesToSave)]
         state = from_peft_state(file_state, expected, name, saved)
+        embeddings = _saved_base_embeddings(model, state)
         load_adapter_state_dict(model, state, name, config.bias, source=f"adapter {str(path)!r}")
+        with torch.no_grad():
+            for weight, value in embeddings:
+                weight.copy_(value)
     except BaseException:
         delete_adapter(model, name)
         raise
