@@ -1,0 +1,157 @@
+"""TrainConfig: every knob of a training run, validated once; YAML files and flags map onto its fields.
+
+Precedence: dataclass defaults < YAML file (``--config``) < command-line flags. Keys are the field names
+(``learning_rate``); flags are the same with dashes (``--learning-rate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Defaults are what the main job uses (see ``examples/``)."""
+
+    data: str | None = None
+    output_dir: str | None = None
+    model: str = DEFAULT_MODEL
+    eval_data: str | None = None
+    eval_ratio: float = 0.1  # held out from ``data`` when no ``eval_data`` is given
+    # LoRA
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    # optimization
+    learning_rate: float = 2e-3
+    loraplus_lr_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 3.0
+    max_steps: int | None = None  # overrides num_epochs
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    # data
+    max_length: int = 256
+    mask_prompt: bool = True  # loss only on completions / assistant turns
+    chat_template: bool = True  # render prompt/completion rows as chat turns when the tokenizer has a template
+    group_by_length: bool = True
+    skip_bad_lines: bool = False
+    # runtime
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 autocast where supported) | bf16 | fp32
+    num_threads: int | None = None
+    save_steps: int = 50
+    save_total_limit: int = 2
+    eval_steps: int | None = None
+    logging_steps: int = 5
+    eval_generate: bool = True  # greedy-generation exact match before and after training
+    eval_batch_size: int = 16
+    max_new_tokens: int | None = None  # default: longest reference answer + 16 tokens
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        problems = []
+        for name in ("learning_rate", "lora_alpha", "num_epochs"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                problems.append(f"{name}={value!r} (expected a positive number)")
+        for name in ("r", "batch_size", "gradient_accumulation_steps", "max_length", "save_steps", "logging_steps",
+                     "eval_batch_size", "save_total_limit"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name}={value!r} (expected a positive integer)")
+        for name in ("max_steps", "eval_steps", "max_new_tokens", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                problems.append(f"{name}={value!r} (expected a positive integer or unset)")
+        if self.loraplus_lr_ratio is not None and (
+            not _is_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio <= 0
+        ):
+            problems.append(f"loraplus_lr_ratio={self.loraplus_lr_ratio!r} (expected a positive number or unset)")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout={self.lora_dropout!r} (expected 0 <= p < 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio={self.warmup_ratio!r} (expected 0 <= ratio < 1)")
+        if not 0 <= self.eval_ratio < 1:
+            problems.append(f"eval_ratio={self.eval_ratio!r} (expected 0 <= ratio < 1)")
+        if self.lr_scheduler not in ("cosine", "linear", "constant"):
+            problems.append(f"lr_scheduler={self.lr_scheduler!r} (expected cosine, linear or constant)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"precision={self.precision!r} (expected auto, bf16 or fp32)")
+        if self.resume and self.overwrite:
+            problems.append("resume=True with overwrite=True (pick one: continue the run or start over)")
+        if problems:
+            raise ConfigError("invalid training config: " + "; ".join(problems) + ".")
+
+    def require_paths(self) -> None:
+        """Raise unless the fields a run needs (``data``, ``output_dir``) are set."""
+        missing = [f"--{n.replace('_', '-')}" for n in ("data", "output_dir") if not getattr(self, n)]
+        if missing:
+            raise ConfigError(f"training needs {' and '.join(missing)} (on the command line or in --config FILE).")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], tuple):
+            d["target_modules"] = list(d["target_modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrainConfig:
+        """Build from a mapping, naming unknown keys (with close matches) in the error."""
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            raise ConfigError(
+                f"{where}: unknown keys {unknown}; did you mean {[h[0] for h in hints.values() if h]}? "
+                f"Known keys: {sorted(known)}."
+            )
+        return cls(**d)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (keys may use dashes or underscores)."""
+    try:
+        import yaml
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ConfigError("reading a YAML config needs PyYAML: pip install 'lorakit[hf]'") from e
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist.")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values, got {type(d).__name__}.")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
+
+
+def build_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < YAML ``file`` < ``overrides`` whose value is not None."""
+    d = load_yaml(file) if file else {}
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(d, where=str(file) if file else "config")

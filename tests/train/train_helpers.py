@@ -1,0 +1,69 @@
+"""Helpers for the training tests: a character-level tokenizer with a chat template, tiny models and data."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_char_tokenizer():
+    """One token per printable ASCII character plus ChatML specials (< 128 ids, fits the tiny Llama)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.printable[:95]) + ["\n"]
+    vocab = {c: i for i, c in enumerate(dict.fromkeys(chars))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.add_special_tokens(
+        {"eos_token": "<|im_end|>", "pad_token": "<pad>", "additional_special_tokens": ["<|im_start|>"]}
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def pc_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompt/completion rows of a learnable toy task: copy a short word in upper case."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = "".join(rng.choice("abcdef") for _ in range(3))
+        rows.append({"prompt": f"up {w}", "completion": w.upper()})
+    return rows
