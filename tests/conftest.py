@@ -1,0 +1,51 @@
+"""Shared fixtures: the embedded default model (converted once per session) and a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The safetensors cache folder of the embedded default model (SmolLM2-135M-Instruct).
+
+    Uses ``$LORAKIT_HOME`` when set (CI may keep a warm cache there), else a session temp folder, and sets
+    ``LORAKIT_HOME`` to it for the session so every `load_model` in the tests finds the same cache. The
+    first use converts the GGUF file (~20 s); the folder is an ordinary Hugging Face model folder.
+    """
+    from lorakit.models import default_model_name, ensure_cached
+
+    home = os.environ.get("LORAKIT_HOME") or str(tmp_path_factory.mktemp("lorakit_home"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORAKIT_HOME", home)
+        yield ensure_cached(default_model_name(), cache_dir=home)
+
+
+@pytest.fixture
+def default_model(default_model_dir: Path):
+    """A fresh ``(model, tokenizer)`` of the embedded default model, loaded from the session cache (fp32, eval)."""
+    from lorakit.models import load_model
+
+    return load_model(default_model_dir)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A tiny random LlamaForCausalLM (seeded, eval mode) for fast CPU tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    return LlamaForCausalLM(config).eval()
