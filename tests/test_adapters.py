@@ -87,12 +87,18 @@ def test_print_trainable_parameters_line_matches_peft(capsys):
     assert line == "trainable params: 3,584 || all params: 30,368 || trainable%: 11.8019"
 
 
-def test_trainable_false_keeps_the_adapter_frozen_and_other_flags_alone():
+def test_trainable_false_adds_a_frozen_adapter_and_leaves_the_trained_one_alone():
+    model = lorakit.add_adapter(tiny_llama(), LoraConfig(target_modules=["q_proj"]), "trained")
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if "v_proj" not in n}
+    lorakit.add_adapter(model, LoraConfig(target_modules=["v_proj"]), "frozen", trainable=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n in flags} == flags
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".frozen." in n)
+    assert lorakit.trainable_parameters(model)[0] == 2 * (16 * 32 + 32 * 16)  # q_proj of "trained", 2 layers
+
+
+def test_trainable_false_on_the_first_adapter_freezes_the_base_too():
     model = lorakit.add_adapter(tiny_llama(), LoraConfig(target_modules=["q_proj"]), trainable=False)
-    assert lorakit.trainable_parameters(model)[0] == sum(
-        p.numel() for n, p in model.named_parameters() if "lora_" not in n and p.requires_grad
-    )
-    assert not model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.requires_grad
+    assert lorakit.trainable_parameters(model)[0] == 0
 
 
 # ---- several adapters ----------------------------------------------------------------------------------------
@@ -131,6 +137,20 @@ def test_set_adapter_while_another_is_merged_raises():
     lorakit.merge(model)
     with pytest.raises(MergeError, match="unmerge"):
         lorakit.set_adapter(model, "a")
+
+
+def test_adding_an_adapter_while_another_is_merged_raises_before_changing_the_model():
+    model, x = _two_adapters()
+    lorakit.merge(model)
+    merged = model(x)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(MergeError, match="unmerge"):
+        lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["0"]), "c")
+    assert lorakit.list_adapters(model) == ["a", "b"] and model[0].adapter_names == ["a", "b"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    torch.testing.assert_close(model(x), merged)
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["0"]), "c", activate=False)  # inactive is fine
+    assert lorakit.active_adapters(model) == ["b"]
 
 
 def test_merging_an_inactive_adapter_raises():

@@ -116,6 +116,8 @@ def add_adapter(
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
     _check_new_name(model, name)
+    if activate:
+        _check_activatable(model, [name])  # before injecting: a refused add must leave the model as it was
     state = model.__dict__.get(STATE_ATTR)
     first = state is None
     if first:
@@ -151,15 +153,19 @@ def _remove_from_wrappers(model: nn.Module, name: str) -> None:
     unwrap_empty(model)
 
 
-def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
-    """Make ``name`` (or several names, whose updates add) the active adapter(s)."""
-    names = [name] if isinstance(name, str) else list(name)
-    _require(model, names)
+def _check_activatable(model: nn.Module, names: list[str]) -> None:
     merged = {n for w in _wrappers(model) if isinstance(w, LoraLayer) for n in w.merged_adapters}
     if merged - set(names):
         raise MergeError(
             f"adapters {sorted(merged)} are merged into the base weights; unmerge(model) before activating {names}"
         )
+
+
+def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
+    """Make ``name`` (or several names, whose updates add) the active adapter(s)."""
+    names = [name] if isinstance(name, str) else list(name)
+    _require(model, names)
+    _check_activatable(model, names)
     for wrapper in _wrappers(model):
         wrapper.set_active(names)
     _state(model).active = names
