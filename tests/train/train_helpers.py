@@ -67,3 +67,9 @@ def pc_rows(n: int, seed: int = 0) -> list[dict]:
         w = "".join(rng.choice("abcdef") for _ in range(3))
         rows.append({"prompt": f"up {w}", "completion": w.upper()})
     return rows
+
+
+# One run of the resume-equivalence test: dropout on (so RNG state matters), accumulation, several epochs.
+RESUME_SETTINGS = dict(max_steps=14, save_steps=3, batch_size=4, gradient_accumulation_steps=2, learning_rate=5e-3,
+                       lora_dropout=0.1, r=4, lora_alpha=8, seed=7, progress=False, precision="fp32",
+                       eval_generate=False, target_modules="all-linear", logging_steps=1)  # fmt: skip
