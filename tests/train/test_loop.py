@@ -4,7 +4,7 @@ import signal
 
 import pytest
 import torch
-from train_helpers import make_char_tokenizer, make_tiny_llama, pc_rows, write_jsonl
+from train_helpers import make_char_tokenizer, make_tiny_llama
 
 import lorakit.train.loop as loop_mod
 from lorakit.errors import ConfigError
