@@ -21,9 +21,15 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     from lorakit.models import default_model_name, ensure_cached
 
     home = os.environ.get("LORAKIT_HOME") or str(tmp_path_factory.mktemp("lorakit_home"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on a shared 2-core box spin-wait: a 135M forward takes 5 s, not 0.2 s
+    try:
+        folder = ensure_cached(default_model_name(), cache_dir=home)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORAKIT_HOME", home)
-        yield ensure_cached(default_model_name(), cache_dir=home)
+        yield folder
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from lorakit import model_cache
 from lorakit.errors import ConfigError, FormatError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -139,8 +140,6 @@ def ensure_cached(name_or_path: str | os.PathLike[str], *, cache_dir: str | os.P
 
 
 def _ensure_cached(source: ModelSource, cache_dir: str | os.PathLike[str] | None) -> Path:
-    from lorakit import model_cache
-
     if source.kind == "hf_dir":
         return source.path
     target = cache_path(source, cache_dir)
