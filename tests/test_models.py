@@ -178,6 +178,26 @@ def test_same_bytes_with_new_mtime_keep_the_cache(default_model_dir, tmp_path):
     assert "sha256" in model_cache.cache_problem(target, gguf)
 
 
+def test_file_that_is_not_gguf_raises_format_error_and_caches_nothing(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a GGUF file")
+    with pytest.raises(FormatError, match="bad.gguf"):
+        load_model(bad, cache_dir=tmp_path / "home")
+    assert not cache_path(resolve_model_source(bad), tmp_path / "home").exists()
+    assert [p.name for p in (tmp_path / "home" / "models").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_cache_false_converts_in_memory_and_writes_nothing(default_model_dir, tiny_llama, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    tokenizer.pad_token = None
+    monkeypatch.setattr(models, "_convert_gguf", lambda path: (tiny_llama, tokenizer))  # the real one: above
+    model, loaded_tokenizer = load_model("smollm2", cache_dir=tmp_path, cache=False, dtype="bf16")
+    assert model is tiny_llama and model.dtype == torch.bfloat16 and loaded_tokenizer.pad_token == "<|im_end|>"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_local_hf_folder_round_trip(default_model_dir, tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 

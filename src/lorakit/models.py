@@ -299,8 +299,8 @@ def _convert_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizer
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise FormatError(
-            f"transformers could not read the GGUF file {gguf_path}: {e}. It dequantizes the architectures "
-            f"and quantization types listed in its GGUF docs; for others convert the file yourself."
+            f"transformers could not read the GGUF file {gguf_path}: {str(e).rstrip('.')}. It dequantizes "
+            f"the architectures and quantization types listed in its GGUF docs; convert others yourself."
         ) from e
     # The weights are plain fp32 now, but the model still claims GGUF quantization and save_pretrained refuses
     # ("The model is quantized with gguf and is not serializable"): drop the claim.
