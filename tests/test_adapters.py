@@ -278,6 +278,19 @@ def test_get_config_records_the_adapted_modules():
     assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+@pytest.mark.parametrize("verb", [lorakit.merge, lorakit.unload])
+def test_merging_into_tied_embeddings_is_refused_and_changes_nothing(verb):
+    model = tiny_gpt2()  # lm_head.weight is transformer.wte.weight
+    lorakit.add_adapter(model, LoraConfig(target_modules=["lm_head", "c_attn"], **RANDOM))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapted = logits(model, IDS)
+    with pytest.raises(MergeError, match=r"lm_head.*transformer\.wte\.weight"):
+        verb(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert torch.equal(logits(model, IDS), adapted)
+    assert lorakit.list_adapters(model) == ["default"]
+
+
 # ---- unload --------------------------------------------------------------------------------------------------
 def test_unload_with_merge_gives_plain_linear_layers_and_the_same_logits():
     model = lorakit.add_adapter(tiny_llama(), LoraConfig(target_modules="all-linear", **RANDOM))

@@ -18,7 +18,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError
 from lorakit.inject import inject, replace_wrappers, resolved_targets, unwrap_empty
-from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.layers import LoraLayer, ModulesToSave, iter_lora_layers
 from lorakit.state import trainable_parameters_of
 
 STATE_ATTR = "_lorakit"
@@ -217,11 +217,31 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     inactive = [n for n in names if n not in active_adapters(model)]
     if inactive:
         raise MergeError(f"adapters {inactive} are not active; set_adapter(model, {names!r}) before merging them")
+    _check_untied(model, names)
     for wrapper in _wrappers(model):
         if isinstance(wrapper, LoraLayer):
             for n in names:
                 if n in wrapper.r:
                     wrapper.merge(n)
+
+
+def _check_untied(model: nn.Module, names: Sequence[str]) -> None:
+    """Refuse to merge into a weight another module shares (tied embeddings): the update would change both."""
+    owners: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    tied = [
+        f"{path} (shares its weight with {[o for o in owners[id(layer.weight)] if not o.startswith(path + '.')]})"
+        for path, layer in iter_lora_layers(model)
+        if len(owners.get(id(layer.weight), ())) > 1
+        and any(n in layer.r and n not in layer.merged_adapters for n in names)
+    ]
+    if tied:
+        raise MergeError(
+            f"cannot merge {list(names)} into tied weights: {'; '.join(tied)}; merging would also change the other "
+            "module (e.g. tied input/output embeddings). Keep the adapter unmerged, or untie the weights first "
+            "(e.g. load the model with tie_word_embeddings=False)"
+        )
 
 
 def unmerge(model: nn.Module) -> None:
@@ -244,6 +264,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         without lorakit).
     """
     state = _state(model)
+    if merge:
+        _check_untied(model, state.active)
     replace_wrappers(model, merge=merge)
     _forget(model, state)
     return model
