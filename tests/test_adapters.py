@@ -291,6 +291,21 @@ def test_merging_into_tied_embeddings_is_refused_and_changes_nothing(verb):
     assert lorakit.list_adapters(model) == ["default"]
 
 
+@pytest.mark.parametrize("verb", [lorakit.merge, lorakit.unload])
+def test_failed_merge_names_the_layer_and_leaves_nothing_half_merged(verb):
+    model = lorakit.add_adapter(tiny_llama(), LoraConfig(target_modules=ATTN, **RANDOM))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(MergeError, match=r"model\.layers\.1\.self_attn\.o_proj.*non-finite"):
+        verb(model)
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, LoraLayer))
+    assert sum(1 for m in model.modules() if isinstance(m, LoraLayer)) == 8  # unload did not start replacing
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            torch.testing.assert_close(p, before[n], rtol=1e-6, atol=1e-6)
+
+
 # ---- unload --------------------------------------------------------------------------------------------------
 def test_unload_with_merge_gives_plain_linear_layers_and_the_same_logits():
     model = lorakit.add_adapter(tiny_llama(), LoraConfig(target_modules="all-linear", **RANDOM))

@@ -217,12 +217,24 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     inactive = [n for n in names if n not in active_adapters(model)]
     if inactive:
         raise MergeError(f"adapters {inactive} are not active; set_adapter(model, {names!r}) before merging them")
+    _merge_layers(model, names)
+
+
+def _merge_layers(model: nn.Module, names: Sequence[str]) -> None:
+    """Merge ``names`` on every layer, all or nothing: a failure unmerges what this call merged."""
     _check_untied(model, names)
-    for wrapper in _wrappers(model):
-        if isinstance(wrapper, LoraLayer):
-            for n in names:
-                if n in wrapper.r:
-                    wrapper.merge(n)
+    done: list[tuple[LoraLayer, str]] = []
+    for path, layer in iter_lora_layers(model):
+        for n in names:
+            if n not in layer.r or n in layer.merged_adapters:
+                continue
+            try:
+                layer.merge(n)
+            except MergeError as exc:
+                for merged_layer, merged_name in reversed(done):
+                    merged_layer.unmerge(merged_name)
+                raise MergeError(f"{path}: {exc}; nothing was merged") from exc
+            done.append((layer, n))
 
 
 def _check_untied(model: nn.Module, names: Sequence[str]) -> None:
@@ -265,7 +277,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """
     state = _state(model)
     if merge:
-        _check_untied(model, state.active)
+        _merge_layers(model, state.active)  # all or nothing, before any wrapper is replaced
     replace_wrappers(model, merge=merge)
     _forget(model, state)
     return model
