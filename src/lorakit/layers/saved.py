@@ -48,3 +48,12 @@ class ModulesToSave(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """Attributes model code reads from the module it thinks it has (``head.weight``) come from `current`."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "active_adapters" not in self.__dict__:  # mid-__init__ or unpickling
+                raise
+            return getattr(self.current(), name)
