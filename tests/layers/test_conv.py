@@ -83,3 +83,12 @@ def test_subclass_of_conv2d_gets_lora():
     assert type(model[0].lora_A["default"]) is nn.Conv2d
     x = torch.randn(1, 3, 6, 6)
     torch.testing.assert_close(model[0](x), by_formula(model[0], x), **TOL)
+
+
+def test_grouped_conv_among_targets_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ConfigError, match="groups=2"):
+        lorakit.add_adapter(model, LoraConfig(target_modules=["0", "1"]))
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d]
+    assert lorakit.list_adapters(model) == [] and all(p.requires_grad for p in model.parameters())
