@@ -163,7 +163,9 @@ def test_merging_an_inactive_adapter_raises():
 def test_disabled_gives_base_outputs_and_restores():
     model = tiny_llama()
     base = logits(model, IDS)
-    lorakit.add_adapter(model, LoraConfig(target_modules="all-linear", **RANDOM))
+    lorakit.add_adapter(model, LoraConfig(target_modules="all-linear", modules_to_save=["lm_head"], **RANDOM))
+    with torch.no_grad():
+        model.lm_head.modules_to_save["default"].weight.add_(0.5)
     adapted = logits(model, IDS)
     assert not torch.allclose(adapted, base, atol=1e-3)
     with lorakit.disabled(model):
