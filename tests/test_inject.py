@@ -221,3 +221,18 @@ def test_modules_to_save_wraps_the_module_with_a_trainable_copy():
     copy = model.lm_head.modules_to_save["default"]
     assert copy.weight.requires_grad and not model.lm_head.original_module.weight.requires_grad
     assert copy.weight.data_ptr() != model.lm_head.original_module.weight.data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs"),
+    [(tiny_llama, kw) for kw in [*LLAMA_CASES, dict(target_modules="all-linear", layers_to_transform=[0])]]
+    + [(tiny_gpt2, kw) for kw in GPT2_CASES],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_recorded_config_selects_the_same_modules_in_lorakit_and_peft(make, kwargs):
+    """What adapter_config.json records (`get_config`) must re-select exactly the adapted modules, in both."""
+    wanted = our_targets(make(), **kwargs)
+    recorded = lorakit.get_config(lorakit.add_adapter(make(), LoraConfig(**kwargs)))
+    assert sorted(lorakit.find_targets(make(), recorded)) == wanted
+    as_json = {k: v for k, v in recorded.to_dict().items() if k != "peft_type"}
+    assert peft_targets(make(), **as_json) == wanted
