@@ -20,7 +20,7 @@ def by_formula(layer: LoraConv, x: torch.Tensor, name: str = "default") -> torch
     a = layer.lora_A[name].weight.flatten(1)  # (r, in * prod(kernel))
     b = layer.lora_B[name].weight.flatten(1)  # (out, r)
     w = base.weight + (layer.lora_alpha[name] / layer.r[name]) * (b @ a).reshape(base.weight.shape)
-    conv = {1: F.conv1d, 2: F.conv2d}[base.weight.dim() - 2]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base.weight.dim() - 2]
     return conv(x, w, base.bias, stride=base.stride, padding=base.padding, dilation=base.dilation)
 
 
@@ -35,6 +35,12 @@ def test_conv2d_forward_equals_conv_with_w_plus_scaled_b_a(add_lora):
 def test_conv1d_forward_equals_formula(add_lora):
     layer = add_lora(nn.Conv1d(4, 6, kernel_size=3, dilation=2, bias=False), r=3, alpha=3, init=False)
     x = torch.randn(2, 4, 15)
+    torch.testing.assert_close(layer(x), by_formula(layer, x), **TOL)
+
+
+def test_conv3d_forward_equals_formula(add_lora):
+    layer = add_lora(nn.Conv3d(2, 3, kernel_size=(1, 2, 2), padding=(0, 1, 1)), r=2, alpha=2, init=False)
+    x = torch.randn(1, 2, 3, 4, 4)
     torch.testing.assert_close(layer(x), by_formula(layer, x), **TOL)
 
 

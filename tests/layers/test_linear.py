@@ -32,6 +32,14 @@ def test_forward_equals_w_x_plus_scaled_b_a_x(add_lora, bias):
     assert layer.scaling["default"] == 2.0
 
 
+def test_rslora_scales_by_alpha_over_sqrt_r(add_lora):
+    layer = add_lora(nn.Linear(12, 10), r=16, alpha=8, init=False, use_rslora=True)
+    assert layer.scaling["default"] == 2.0
+    x = torch.randn(3, 12)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 2.0 * (x @ a.T @ b.T), **TOL)
+
+
 @pytest.mark.parametrize("init", [True, "gaussian"])
 def test_fresh_adapter_is_a_no_op(add_lora, init):
     base = nn.Linear(12, 10)
