@@ -58,6 +58,13 @@ def test_seed_config_from_the_issue_works_as_written():
         (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
         (dict(init_lora_weights="uniform"), "init_lora_weights='uniform'"),
         (dict(target_modules="q_proj("), "target_modules='q_proj('"),
+        (dict(exclude_modules="q_proj("), "exclude_modules='q_proj('"),
+        (dict(rank_pattern={"q_proj(": 4}), "rank_pattern key 'q_proj('"),
+        (dict(alpha_pattern={"[": 4}), "alpha_pattern key '['"),
+        (
+            dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers("),
+            "layers_pattern item 'layers('",
+        ),
         (dict(target_modules=[]), "target_modules=[]"),
         (dict(target_modules=["q_proj", 3]), "target_modules="),
         (dict(rank_pattern={"q_proj": 4.5}), "rank_pattern"),

@@ -138,11 +138,7 @@ class LoraConfig:
         set_(self, "layers_pattern", (pattern,) if isinstance(pattern, str) else pattern)
         self._check_layers(problems)
         self._check_patterns(problems)
-        if self.target_modules is not None and isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as exc:
-                problems.append(f"target_modules={self.target_modules!r} is not a valid regex ({exc})")
+        self._check_regexes(problems)
         if problems:
             raise ConfigError("Invalid LoraConfig: " + "; ".join(problems) + ".")
 
@@ -161,6 +157,20 @@ class LoraConfig:
                 "layers_to_transform only applies to list target_modules (as in PEFT); with a regex string, "
                 "put the layer indices in the regex instead"
             )
+
+    def _check_regexes(self, problems: list[str]) -> None:
+        """Every field read as a regex must compile here, not fail later inside injection."""
+        regexes = [(f"{name}=", getattr(self, name)) for name in ("target_modules", "exclude_modules")]
+        regexes = [(label, value) for label, value in regexes if isinstance(value, str)]
+        regexes += [("layers_pattern item ", p) for p in self.layers_pattern or ()]
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            regexes += [(f"{name} key ", k) for k in value if isinstance(k, str)] if isinstance(value, Mapping) else []
+        for label, pattern in regexes:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"{label}{pattern!r} is not a valid regex ({exc})")
 
     def _check_patterns(self, problems: list[str]) -> None:
         for name, check, what in (
