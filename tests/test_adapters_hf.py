@@ -75,11 +75,20 @@ def test_generate_works_on_a_wrapped_model():
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), out)
 
 
-def test_torch_compile_of_a_wrapped_model_gives_equal_logits():
-    model = lorakit.add_adapter(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    eager = logits(model)
+def test_torch_compile_of_a_wrapped_model_gives_equal_logits_and_follows_adapter_switches():
+    model = tiny_llama()
+    base = logits(model)
+    for name in ("a", "b"):
+        lorakit.add_adapter(model, LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False), name)
+    only_b = logits(model)
+    lorakit.set_adapter(model, "a")
+    only_a = logits(model)
     compiled = torch.compile(model, backend="aot_eager")
-    torch.testing.assert_close(logits(compiled), eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(compiled), only_a, rtol=1e-5, atol=1e-5)
+    lorakit.set_adapter(model, "b")  # python-side state: the compiled graph must not go stale
+    torch.testing.assert_close(logits(compiled), only_b, rtol=1e-5, atol=1e-5)
+    with lorakit.disabled(model):
+        torch.testing.assert_close(logits(compiled), base, rtol=1e-5, atol=1e-5)
 
 
 def test_hf_trainer_updates_only_lora_parameters(tmp_path):
