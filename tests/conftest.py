@@ -10,6 +10,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread for the whole suite: with 2 threads on a shared 2-core box, OpenMP workers spin-wait and
+    a tiny model's forward takes 0.7 s instead of 2 ms (and a 135M forward 5 s instead of 0.2 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The safetensors cache folder of the embedded default model (SmolLM2-135M-Instruct).
@@ -21,12 +31,7 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     from lorakit.models import default_model_name, ensure_cached
 
     home = os.environ.get("LORAKIT_HOME") or str(tmp_path_factory.mktemp("lorakit_home"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core box spin-wait: a 135M forward takes 5 s, not 0.2 s
-    try:
-        folder = ensure_cached(default_model_name(), cache_dir=home)
-    finally:
-        torch.set_num_threads(threads)
+    folder = ensure_cached(default_model_name(), cache_dir=home)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORAKIT_HOME", home)
         yield folder

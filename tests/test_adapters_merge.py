@@ -10,16 +10,6 @@ import lorakit
 from lorakit import LoraConfig, MergeError
 from lorakit.layers import LoraLayer, ModulesToSave
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 100x faster on one thread than on a busy shared pool (CI runners, 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 

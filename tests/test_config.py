@@ -11,16 +11,6 @@ import torch
 
 from lorakit import ConfigError, FormatError, LoraConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 100x faster on one thread than on a busy shared pool (CI runners, 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SEED_KWARGS = dict(
     r=16,
     lora_alpha=32,

@@ -14,16 +14,6 @@ from lorakit import ConfigError, LoraConfig, TargetNotFoundError
 from lorakit.inject import matches
 from lorakit.layers import LoraLayer, ModulesToSave, iter_lora_layers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 100x faster on one thread than on a busy shared pool (CI runners, 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

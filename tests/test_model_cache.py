@@ -10,18 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from lorakit import model_cache
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a shared 2-core box, 2 torch threads spin-wait: a 135M forward takes seconds instead of 0.2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -22,16 +22,6 @@ from lorakit.models import (
     resolve_model_source,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a shared 2-core box, 2 torch threads spin-wait: a 135M forward takes seconds instead of 0.2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROBE = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646]])  # (1, 8) token ids of a chat prompt
 
 

@@ -11,15 +11,6 @@ from lorakit import IncompatibleAdapterError, LoraConfig
 from lorakit.state import adapter_state_dict, load_adapter_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 100x faster on one thread than on a busy shared pool (CI runners, 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     """A model with user modules whose names contain "lora" (they must never be taken for adapter tensors)."""
 

@@ -11,15 +11,6 @@ from torch import nn
 from lorakit.layers import LoraLayer, wrap
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 100x faster on one thread than on a busy shared pool (CI runners, 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _add_lora(
     module: nn.Module,
     name: str = "default",
