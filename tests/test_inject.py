@@ -226,3 +226,30 @@ def test_recorded_config_selects_the_same_modules_in_lorakit_and_peft(make, kwar
     assert sorted(lorakit.find_targets(make(), recorded)) == wanted
     as_json = {k: v for k, v in recorded.to_dict().items() if k != "peft_type"}
     assert peft_targets(make(), **as_json) == wanted
+
+
+def test_seq_cls_task_trains_the_new_head_like_peft():
+    """Without this, a SEQ_CLS adapter trains LoRA on a randomly initialised, frozen `score` head."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def make():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            num_labels=3,
+            pad_token_id=0,
+        )
+        return LlamaForSequenceClassification(cfg)
+
+    ours = lorakit.add_adapter(make(), LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    theirs = get_peft_model(make(), PeftLoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    assert isinstance(ours.score, ModulesToSave)
+    assert lorakit.get_config(ours).modules_to_save == ("score",)
+    assert lorakit.trainable_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]

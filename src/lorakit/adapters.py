@@ -17,7 +17,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError
-from lorakit.inject import inject, replace_wrappers, resolved_targets, unwrap_empty
+from lorakit.inject import inject, replace_wrappers, resolved_targets, unwrap_empty, with_task_heads
 from lorakit.layers import LoraLayer, ModulesToSave, iter_lora_layers
 from lorakit.state import trainable_parameters_of
 
@@ -122,6 +122,7 @@ def add_adapter(
     first = state is None
     if first:
         state = AdapterState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    config = with_task_heads(model, config)
     try:
         targets = inject(model, config, name)
     except BaseException:

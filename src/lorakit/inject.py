@@ -6,6 +6,7 @@ name equals it or ends with ``"." + item``; a string is a regex that must match 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Iterable
@@ -134,6 +135,22 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
             "each item must be a module name or a dotted suffix of one (e.g. 'lm_head', 'score')"
         )
     return found
+
+
+# Task heads PEFT trains in full for these task types (a new, randomly initialised head must learn).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` with the task head added to ``modules_to_save`` (as PEFT does for classification tasks)."""
+    heads = [
+        h
+        for h in TASK_HEADS.get(str(config.task_type).upper(), ())
+        if h not in (config.modules_to_save or ()) and any(matches((h,), n) for n, _ in candidate_modules(model))
+    ]
+    if not heads:
+        return config
+    return dataclasses.replace(config, modules_to_save=(*(config.modules_to_save or ()), *heads))
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
