@@ -23,9 +23,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _commands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]]:
+    """The subcommands: name -> (help, add_arguments(parser), run(args) -> exit status)."""
     from lorakit.commands import info, merge
+    from lorakit.train.commands import COMMANDS as TRAIN_COMMANDS
 
-    table = {
+    return {
+        **TRAIN_COMMANDS,
         "info": (
             "show a model's modules, what a LoRA config would target, and parameter counts",
             info.add_args,
@@ -37,12 +40,6 @@ def _commands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], None
             merge.run,
         ),
     }
-    try:
-        from lorakit.commands import training
-    except ImportError:  # pragma: no cover - the training commands need the `hf` extra
-        return table
-    table.update(training.COMMANDS)
-    return table
 
 
 def build_parser() -> argparse.ArgumentParser:
