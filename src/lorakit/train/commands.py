@@ -21,7 +21,8 @@ _HELP = {
     "output_dir": "run directory: final adapter (PEFT format), checkpoint-N/ sub-folders, metrics.jsonl, loss.png",
     "model": "base model: embedded name (default smollm2-135m-instruct), HF directory or .gguf file",
     "eval_data": "held-out JSONL (default: --eval-ratio of --data is held out)",
-    "target_modules": "module names / dotted suffixes, 'all-linear', or one regex (full match)",
+    "target_modules": "module names / dotted suffixes (space- or comma-separated), 'all-linear', or one regex",
+    "lora_alpha": "LoRA scale numerator (default: 2 * r)",
     "max_steps": "optimizer steps (overrides --num-epochs)",
     "loraplus_lr_ratio": "LoRA+: learning rate of the B matrices = ratio x --learning-rate (e.g. 16)",
     "batch_size": "examples per micro-batch (per device)",
@@ -58,12 +59,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _targets(values: list[str] | None) -> Any:
-    """``--target-modules all-linear`` or a regex stays a string; names become a list."""
+    """``all-linear`` or a regex stays a string; names (space- or comma-separated) become a list."""
     if values is None:
         return None
     if len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS.search(values[0])):
         return values[0]
-    return values
+    return [name.strip() for v in values for name in v.split(",") if name.strip()]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -137,3 +138,11 @@ def eval_from_args(args: argparse.Namespace) -> int:
 
         print(format_table({k: v for k, v in results.items() if k in ("base", "adapter")}))
     return 0
+
+
+# For the CLI's command table: name -> (help, add_arguments, run).
+COMMANDS = {
+    "train": ("fine-tune a LoRA adapter on JSONL data (flags or --config YAML)", add_train_arguments, train_from_args),
+    "eval": ("greedy-generation exact match of the base model and an adapter, side by side", add_eval_arguments,
+             eval_from_args),
+}  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ class TrainConfig:
     eval_ratio: float = 0.1  # held out from ``data`` when no ``eval_data`` is given
     # LoRA
     r: int = 16
-    lora_alpha: float = 32
+    lora_alpha: float | None = None  # None: 2 * r (32 at the default r=16)
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
     # optimization
@@ -70,7 +71,7 @@ class TrainConfig:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         problems = []
-        for name in ("learning_rate", "lora_alpha", "num_epochs"):
+        for name in ("learning_rate", "num_epochs"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value <= 0:
                 problems.append(f"{name}={value!r} (expected a positive number)")
@@ -83,6 +84,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 problems.append(f"{name}={value!r} (expected a positive integer or unset)")
+        if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha <= 0):
+            problems.append(f"lora_alpha={self.lora_alpha!r} (expected a positive number, or unset for 2 * r)")
         if self.loraplus_lr_ratio is not None and (
             not _is_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio <= 0
         ):
@@ -118,6 +121,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrainConfig:
         """Build from a mapping, naming unknown keys (with close matches) in the error."""
         known = {f.name for f in fields(cls)}
+        d = {k: _coerce_number(v) if k in _NUMERIC else v for k, v in d.items()}
         unknown = [k for k in d if k not in known]
         if unknown:
             hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
@@ -126,6 +130,24 @@ class TrainConfig:
                 f"Known keys: {sorted(known)}."
             )
         return cls(**d)
+
+
+_NUMERIC = frozenset({
+    "eval_ratio", "r", "lora_alpha", "lora_dropout", "learning_rate", "loraplus_lr_ratio", "weight_decay", "batch_size",
+    "gradient_accumulation_steps", "num_epochs", "max_steps", "warmup_ratio", "max_grad_norm", "seed", "max_length",
+    "num_threads", "save_steps", "save_total_limit", "eval_steps", "logging_steps", "eval_batch_size", "max_new_tokens",
+})  # fmt: skip
+
+
+def _coerce_number(v: Any) -> Any:
+    """``"1e-3"`` -> 0.001 (YAML 1.1 reads exponent floats without a dot as strings); others unchanged."""
+    if not isinstance(v, str):
+        return v
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and re.fullmatch(r"[+-]?\d+", v.strip()) else f
 
 
 def _is_number(v: Any) -> bool:

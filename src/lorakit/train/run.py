@@ -59,7 +59,8 @@ def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
     from lorakit import LoraConfig
 
     targets = list(cfg.target_modules) if isinstance(cfg.target_modules, tuple) else cfg.target_modules
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.r
+    return LoraConfig(r=cfg.r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       task_type="CAUSAL_LM", base_model_name_or_path=cfg.model)  # fmt: skip
 
 
