@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 LEVELS = {
     "errors": 0, "config": 0, "routing": 0, "ops": 0, "quant": 0,
     "layers": 1,
-    "inject": 2, "state": 2, "adapters": 2,
+    "inject": 2, "state": 2, "adapters": 2, "merging": 2,
     "io": 3,
     "models": 4, "model_cache": 4, "train": 4, "serve": 4,
     "__init__": 4,  # the public API re-exports (models, train and serve may use it)

@@ -4,15 +4,13 @@ from lorakit.adapters import (
     active_adapters,
     add_adapter,
     delete_adapter,
-    disabled,
     get_config,
     list_adapters,
-    merge,
     print_trainable_parameters,
+    route,
     set_adapter,
+    set_trainable,
     trainable_parameters,
-    unload,
-    unmerge,
 )
 from lorakit.config import LoraConfig
 from lorakit.errors import (
@@ -25,10 +23,12 @@ from lorakit.errors import (
     LorakitError,
     MergeError,
     ModelNotFoundError,
+    RoutingError,
     TargetNotFoundError,
 )
 from lorakit.inject import find_targets
 from lorakit.io.adapters import load_adapter, save_adapter
+from lorakit.merging import disabled, merge, unload, unmerge
 from lorakit.state import adapter_state_dict
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ __all__ = [
     "LorakitError",
     "MergeError",
     "ModelNotFoundError",
+    "RoutingError",
     "TargetNotFoundError",
     "__version__",
     "active_adapters",
@@ -58,8 +59,10 @@ __all__ = [
     "load_model",
     "merge",
     "print_trainable_parameters",
+    "route",
     "save_adapter",
     "set_adapter",
+    "set_trainable",
     "trainable_parameters",
     "unload",
     "unmerge",

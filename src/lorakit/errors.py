@@ -45,3 +45,7 @@ class ModelNotFoundError(LorakitError):
 
 class DataError(LorakitError):
     """Training or evaluation data is missing, empty or malformed."""
+
+
+class RoutingError(LorakitError, ValueError):
+    """A per-row adapter route does not fit the batch or the model."""

@@ -12,9 +12,11 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.errors import AdapterNotFoundError, MergeError
+from lorakit.routing import Route, current_route
 
 
 class LoraLayer(nn.Module):
@@ -126,11 +128,71 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        route = current_route()
+        if route is not None:  # per-row adapters (lorakit.route); the active set does not apply
+            delta = self.routed_delta(x, route)
+            return result if delta is None else result + delta.to(result.dtype)
         for name in self.active_adapters:
             if name in self.merged_adapters:  # already inside base_layer.weight
                 continue
             result = result + self.lora_forward(x, name).to(result.dtype)
         return result
+
+    # ---- per-row routing ----------------------------------------------------------------------------------
+    def routed_delta(self, x: Tensor, route: Route) -> Tensor | None:
+        """Each row's own adapter update (rows routed to None or to an adapter not on this layer get zero)."""
+        route.check_batch(x.shape[0])
+        names = [n for n in dict.fromkeys(route.rows) if n is not None and n in self.r]
+        if not names:
+            return None
+        slot = {n: i for i, n in enumerate(names)}
+        idx = torch.tensor([slot.get(n, len(names)) for n in route.rows], device=x.device)  # (batch,)
+        return self._routed(x, names, idx, route)
+
+    def _routed(self, x: Tensor, names: list[str], idx: Tensor, route: Route) -> Tensor:
+        """Fallback for layer types without a vectorized path: one pass per adapter over its rows."""
+        out = None
+        for i, name in enumerate(names):
+            rows = (idx == i).nonzero().squeeze(1)
+            delta = self.lora_forward(x.index_select(0, rows), name)
+            out = delta.new_zeros((x.shape[0], *delta.shape[1:])) if out is None else out
+            out = out.index_add(0, rows, delta)
+        return out
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(A (r, in), B (out, r))`` of adapter ``name``, for layers whose update is ``x -> B A x``."""
+        raise NotImplementedError
+
+    def stacked_factors(self, names: list[str], route: Route) -> tuple[Tensor, Tensor]:
+        """``A^T`` stacked to ``(k+1, in, R)`` and ``(scaling * B)^T`` to ``(k+1, R, out)``; the last slot is zero.
+
+        Ranks differ between adapters: each factor is zero-padded to the largest rank R, which adds exact zeros
+        (``B A`` is unchanged). Without autograd the stacks are cached on the route for later decode steps.
+        """
+        key = (id(self), tuple(names))
+        cached = route.cache.get(key) if not torch.is_grad_enabled() else None
+        if cached is not None:
+            return cached
+        rank = max(self.r[n] for n in names)
+        a_list, b_list = [], []
+        for n in names:
+            a, b = self.factors(n)
+            a_list.append(F.pad(a, (0, 0, 0, rank - self.r[n])).T)  # (in, R)
+            b_list.append(F.pad(b * self.scaling[n], (0, rank - self.r[n])).T)  # (R, out)
+        a_stack = torch.stack([*a_list, torch.zeros_like(a_list[0])])  # (k+1, in, R)
+        b_stack = torch.stack([*b_list, torch.zeros_like(b_list[0])])  # (k+1, R, out)
+        if not torch.is_grad_enabled():
+            route.cache[key] = (a_stack, b_stack)
+        return a_stack, b_stack
+
+    def routed_dropout(self, x: Tensor, names: list[str], idx: Tensor) -> Tensor:
+        """Each row's adapter's dropout on its input (identity in eval mode or when every p is 0)."""
+        ps = [m.p if isinstance(m, nn.Dropout) else 0.0 for m in (self.lora_dropout[n] for n in names)]
+        if not self.training or not any(ps):
+            return x
+        keep = 1.0 - torch.tensor([*ps, 0.0], device=x.device, dtype=x.dtype)[idx]  # (batch,)
+        keep = keep.view(-1, *([1] * (x.dim() - 1)))
+        return x * torch.bernoulli(keep.expand_as(x)) / keep
 
     # ---- merge --------------------------------------------------------------------------------------------
     @torch.no_grad()

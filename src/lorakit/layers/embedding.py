@@ -51,6 +51,15 @@ class LoraEmbedding(LoraLayer):
         )
         return (rows @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
 
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _routed(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
+        a_t, b_t = self.stacked_factors(names, route)  # (k+1, num_embeddings, R), (k+1, R, dim)
+        flat = x.reshape(x.shape[0], -1)  # (batch, tokens) of token ids
+        h = a_t[idx[:, None], flat]  # (batch, tokens, R): row b looks up its own adapter's table
+        return torch.bmm(h, b_t[idx]).reshape(*x.shape, -1)  # (..., dim)
+
     def delta_weight(self, name: str) -> Tensor:
         a = self.lora_embedding_A[name].float()  # (r, num_embeddings)
         b = self.lora_embedding_B[name].float()  # (dim, r)

@@ -6,6 +6,9 @@ import copy
 
 from torch import nn
 
+from lorakit.errors import RoutingError
+from lorakit.routing import current_route
+
 
 class ModulesToSave(nn.Module):
     """Keeps the original at ``.original_module`` and one trainable copy per adapter in ``.modules_to_save``.
@@ -41,8 +44,21 @@ class ModulesToSave(nn.Module):
         self.active_adapters = [n for n in names if n in self.modules_to_save]
 
     def current(self) -> nn.Module:
-        """The module forward runs: the first active adapter's copy, else the original."""
-        if self.disable_adapters or not self.active_adapters:
+        """The module forward runs: the routed adapter's copy, the first active adapter's, else the original."""
+        if self.disable_adapters:
+            return self.original_module
+        route = current_route()
+        if route is not None:
+            choices = {n if n in self.modules_to_save else None for n in route.rows}
+            if len(choices) > 1:
+                raise RoutingError(
+                    "rows are routed to different trained copies of a modules_to_save module "
+                    f"({sorted(map(str, choices))})"
+                    "; per-row routing covers LoRA layers only: route these rows in separate batches"
+                )
+            (choice,) = choices
+            return self.original_module if choice is None else self.modules_to_save[choice]
+        if not self.active_adapters:
             return self.original_module
         return self.modules_to_save[self.active_adapters[0]]
 
