@@ -52,11 +52,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a ``mkstemp``/``mkdtemp`` result (0600/0700) the permissions a plain ``open``/``mkdir`` would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -88,6 +100,7 @@ def save_checkpoint(output_dir: Path, step: int, save_adapter_fn, state: dict[st
     final = output_dir / f"{PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{PREFIX}{step}.", suffix=".tmp"))
     try:
+        default_mode(tmp, directory=True)
         save_adapter_fn(tmp)
         torch.save(state, tmp / STATE_FILE)
         summary = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool)) or v is None}

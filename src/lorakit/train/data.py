@@ -237,6 +237,16 @@ def prompt_text(row: Row, tokenizer: Any, chat_template: bool = True) -> tuple[s
     return _render_chat(tokenizer, msgs[:-1], add_generation_prompt=True), msgs[-1]["content"]
 
 
+def display_prompt(row: Row) -> str:
+    """The user's own prompt text of a row (without template markup), for printing samples."""
+    if row.format == "prompt_completion":
+        return row.data["prompt"]
+    if row.format == "messages":
+        users = [m["content"] for m in row.data["messages"] if m["role"] == "user"]
+        return users[-1] if users else ""
+    return row.data["text"]
+
+
 def tokenize(
     row: Row, tokenizer: Any, max_length: int, mask_prompt: bool = True, chat_template: bool = True
 ) -> tuple[Example, bool]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lorakit.train.collate import collate, count_label_tokens
-from lorakit.train.data import Example, Row, prompt_text
+from lorakit.train.data import Example, Row, display_prompt, prompt_text
 from lorakit.train.loss import causal_lm_loss
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -238,6 +238,6 @@ def run_eval(
 
         load_adapter(m, adapter)
         out["adapter"], g = score()
-    out["samples"] = [{"prompt": p, "reference": r, "prediction": x}
-                      for p, r, x in list(zip(g.prompts, g.references, g.predictions))[:3]]  # fmt: skip
+    out["samples"] = [{"prompt": display_prompt(row), "reference": r, "prediction": x}
+                      for row, r, x in list(zip(rows, g.references, g.predictions))[:3]]  # fmt: skip
     return out

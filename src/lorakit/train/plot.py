@@ -60,6 +60,7 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
         plt.close(fig)

@@ -18,7 +18,7 @@ import torch
 from lorakit.train import checkpoint as ckpt
 from lorakit.train import preflight
 from lorakit.train.config import TrainConfig, build_config
-from lorakit.train.data import read_jsonl, split_train_eval, tokenize_rows
+from lorakit.train.data import display_prompt, read_jsonl, split_train_eval, tokenize_rows
 from lorakit.train.evaluate import eval_loss, format_table, generation_eval
 from lorakit.train.loop import Trainer
 from lorakit.train.plot import plot_loss
@@ -82,8 +82,8 @@ def _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast)
         g = generation_eval(model, tokenizer, gen_rows, cfg.chat_template, cfg.max_new_tokens, cfg.eval_batch_size,
                             autocast)  # fmt: skip
         out.update(g.summary())
-        out["samples"] = [{"prompt": p, "reference": r, "prediction": x}
-                          for p, r, x in list(zip(g.prompts, g.references, g.predictions))[:3]]  # fmt: skip
+        out["samples"] = [{"prompt": display_prompt(row), "reference": r, "prediction": x}
+                          for row, r, x in list(zip(gen_rows, g.references, g.predictions))[:3]]  # fmt: skip
     return out
 
 
