@@ -32,6 +32,7 @@ _HELP = {
     "overwrite": "replace the run in --output-dir",
     "skip_bad_lines": "skip (and count) JSONL lines that are not JSON or lack the needed keys",
 }
+_CHOICES = {"precision": ["auto", "bf16", "fp32"], "lr_scheduler": ["cosine", "linear", "constant"]}
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
 
@@ -53,6 +54,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = int
         elif isinstance(default, float) or f.name == "loraplus_lr_ratio":
             kwargs["type"] = float
+        if f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
         if f.name in _HELP and default not in (None, True, False):
             kwargs["help"] += f" (default: {default})"
         parser.add_argument(_flag(f.name), dest=f.name, **kwargs)

@@ -166,8 +166,9 @@ def run_training(config: TrainConfig | dict | str | None = None, *, model=None, 
             before = _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast)
         ckpt.atomic_write_text(before_file, json.dumps(before, indent=2) + "\n")
     if cfg.resume:
-        trainer.resume()
-    torch.manual_seed(cfg.seed) if not cfg.resume else None
+        trainer.resume()  # restores the RNG state saved with the checkpoint
+    else:
+        torch.manual_seed(cfg.seed)  # the same stream whatever the pre-flight and base eval consumed
     logger.info("training %d steps (%d per epoch) ...", trainer.total_steps, trainer.steps_per_epoch)
     status = "interrupted"
     try:
