@@ -74,6 +74,7 @@ def test_adapters_with_different_shapes_name_the_layer(a, tmp_path):
     ("kwargs", "message"),
     [
         (dict(weights=[1.0]), "1 weights for 2 adapters"),
+        (dict(weights=0.5), "one number per adapter"),
         (dict(weights=[1.0, float("nan")]), "finite numbers"),
         (dict(method="mean"), "method='mean' must be one of"),
         (dict(method="linear", rank=2), "use method='svd'"),

@@ -115,3 +115,10 @@ def test_different_shapes_name_the_layer():
     b = {"model.layers.0.q_proj": _factors(6, 7, 2)}
     with pytest.raises(IncompatibleAdapterError, match=r"model\.layers\.0\.q_proj.*\(6, 5\).*\(6, 7\)"):
         check_compatible([a, b], ["first", "second"])
+
+
+def test_dare_ties_with_density_1_is_ties_without_trimming():
+    fs = [_factors(6, 5, 2, seed=1), _factors(6, 5, 2, seed=2), _factors(6, 5, 3, seed=4)]
+    dare = combine_layer("l", fs, [0.7, 0.3, 1.0], "dare_ties", rank=5, density=1.0)
+    ties = combine_layer("l", fs, [0.7, 0.3, 1.0], "ties", rank=5, density=1.0)
+    torch.testing.assert_close(dare.delta(), ties.delta())

@@ -43,3 +43,10 @@ def test_relative_norm_uses_the_frobenius_norm_of_the_update():
     report = diagnose({"l": f}, base_norms={"l": 10.0})
     assert abs(report.layers[0].delta_norm - 5.0) < 1e-5 and abs(report.layers[0].relative_norm - 0.5) < 1e-6
     assert report.to_dict()["layers"][0]["verdict"] == report.layers[0].verdict
+
+
+def test_low_rank_with_one_wide_layer_does_not_suggest_the_current_rank():
+    layers = {f"l{i}": _layer([5.0, 3.0], 16, seed=i) for i in range(4)}
+    layers["wide"] = _layer([1.0] * 12, 16, seed=9)
+    report = diagnose(layers, source="ad")
+    assert report.verdict == LOW_RANK and report.suggested_rank is None and "rank_pattern" in report.summary

@@ -69,6 +69,8 @@ def combine(
         IncompatibleAdapterError: different base models, or a layer with different shapes (named).
         FormatError: an input folder is missing or corrupt.
     """
+    if isinstance(weights, (numbers.Number, str)):
+        raise ConfigError(f"weights={weights!r} must be a list with one number per adapter")
     weights = [1.0] * len(adapters) if weights is None else list(weights)
     name = ALIASES.get(method, method) if isinstance(method, str) else method
     _check_combine_args(adapters, weights, name, rank, density, majority_sign)

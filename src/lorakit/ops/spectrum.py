@@ -124,11 +124,18 @@ def diagnose(
         f"{median_fraction:.0%} of r ({counts[LOW_RANK]} layers low-rank, {counts[MODERATE]} moderate, "
         f"{counts[SATURATED]} use all of their rank)."
     )
-    if median_fraction <= 0.25:
+    if median_fraction <= 0.25 and suggested < max(ranks):
         verdict = LOW_RANK
         advice = (
             f" The update is genuinely low-rank: r={suggested} would keep 90% of every layer's energy "
             f"(try `lorakit resize --rank {suggested}` and compare the eval metric)."
+        )
+    elif median_fraction <= 0.25:
+        verdict, suggested = LOW_RANK, None
+        worst = max(live, key=lambda s: s.effective_rank_90)
+        advice = (
+            f" Most layers are low-rank, but some need more (e.g. {worst.path}: {need} directions for 90%); keep r, "
+            "or give those layers a larger rank with rank_pattern and the others a smaller r."
         )
     elif median_fraction >= 0.75:
         verdict, suggested = SATURATED, None
