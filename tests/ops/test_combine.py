@@ -122,3 +122,10 @@ def test_dare_ties_with_density_1_is_ties_without_trimming():
     dare = combine_layer("l", fs, [0.7, 0.3, 1.0], "dare_ties", rank=5, density=1.0)
     ties = combine_layer("l", fs, [0.7, 0.3, 1.0], "ties", rank=5, density=1.0)
     torch.testing.assert_close(dare.delta(), ties.delta())
+
+
+def test_svd_default_rank_is_the_largest_over_all_layers_so_every_layer_gets_it():
+    a = {"x": _factors(6, 5, 4, seed=1), "y": _factors(6, 5, 2, seed=3)}
+    b = {"y": _factors(6, 5, 2, seed=2)}
+    out = combine([a, b], [1, 1], "svd")
+    assert out["x"].rank == 4 and out["y"].rank == 4

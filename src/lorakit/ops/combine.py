@@ -138,13 +138,16 @@ def combine(
     """Combine whole adapters layer by layer (arguments are assumed validated; see `lorakit.combine`).
 
     A layer that only some adapters have is combined from those (the others contribute a zero update).
-    Every result has scaling 1. With an SVD method, ``rank=None`` means the largest input rank (as in PEFT).
+    Every result has scaling 1. With an SVD method, ``rank=None`` means the largest rank of any input layer
+    (PEFT's default), so every output layer has the same rank.
 
     Raises:
         IncompatibleAdapterError: a layer has different shapes in two adapters (the error names it).
     """
     method = ALIASES.get(method, method)
     paths = check_compatible(adapters, labels)
+    if method != "linear" and rank is None:
+        rank = max(f.rank for layers in adapters for f in layers.values())
     out: dict[str, LayerFactors] = {}
     for path in paths:
         present = [(layers[path], w) for layers, w in zip(adapters, weights) if path in layers]
