@@ -142,12 +142,21 @@ class LoraLayer(nn.Module):
     def routed_delta(self, x: Tensor, route: Route) -> Tensor | None:
         """Each row's own adapter update (rows routed to None or to an adapter not on this layer get zero)."""
         route.check_batch(x.shape[0])
-        names = [n for n in dict.fromkeys(route.rows) if n is not None and n in self.r]
-        if not names:
-            return None
-        slot = {n: i for i, n in enumerate(names)}
-        idx = torch.tensor([slot.get(n, len(names)) for n in route.rows], device=x.device)  # (batch,)
-        return self._routed(x, names, idx, route)
+        plan = self._route_plan(route, x.device)
+        return None if plan is None else self._routed(x, plan[0], plan[1], route)
+
+    def _route_plan(self, route: Route, device: torch.device) -> tuple[list[str], Tensor] | None:
+        """``(names, idx)``: this layer's routed adapters and each row's slot in them (``len(names)``: none).
+
+        Names come in first-appearance order. The plan depends only on the route: computed once per route.
+        """
+        key = (id(self), "plan")
+        if key not in route.cache:
+            names = [n for n in dict.fromkeys(route.rows) if n is not None and n in self.r]
+            slot = {n: i for i, n in enumerate(names)}
+            idx = torch.tensor([slot.get(n, len(names)) for n in route.rows], device=device)  # (batch,)
+            route.cache[key] = (names, idx) if names else None
+        return route.cache[key]
 
     def _routed(self, x: Tensor, names: list[str], idx: Tensor, route: Route) -> Tensor:
         """Fallback for layer types without a vectorized path: one pass per adapter over its rows."""
@@ -163,27 +172,50 @@ class LoraLayer(nn.Module):
         """``(A (r, in), B (out, r))`` of adapter ``name``, for layers whose update is ``x -> B A x``."""
         raise NotImplementedError
 
-    def stacked_factors(self, names: list[str], route: Route) -> tuple[Tensor, Tensor]:
+    def stacked_factors(self, names: list[str], route: Route, cache: bool = True) -> tuple[Tensor, Tensor]:
         """``A^T`` stacked to ``(k+1, in, R)`` and ``(scaling * B)^T`` to ``(k+1, R, out)``; the last slot is zero.
 
         Ranks differ between adapters: each factor is zero-padded to the largest rank R, which adds exact zeros
         (``B A`` is unchanged). Without autograd the stacks are cached on the route for later decode steps.
         """
-        key = (id(self), tuple(names))
-        cached = route.cache.get(key) if not torch.is_grad_enabled() else None
-        if cached is not None:
-            return cached
+        key = (id(self), "stack")
+        cache = cache and not torch.is_grad_enabled()
+        if cache and key in route.cache:
+            return route.cache[key]
         rank = max(self.r[n] for n in names)
         a_list, b_list = [], []
         for n in names:
             a, b = self.factors(n)
             a_list.append(F.pad(a, (0, 0, 0, rank - self.r[n])).T)  # (in, R)
             b_list.append(F.pad(b * self.scaling[n], (0, rank - self.r[n])).T)  # (R, out)
-        a_stack = torch.stack([*a_list, torch.zeros_like(a_list[0])])  # (k+1, in, R)
-        b_stack = torch.stack([*b_list, torch.zeros_like(b_list[0])])  # (k+1, R, out)
-        if not torch.is_grad_enabled():
-            route.cache[key] = (a_stack, b_stack)
-        return a_stack, b_stack
+        stacks = (
+            torch.stack([*a_list, torch.zeros_like(a_list[0])]),  # (k+1, in, R)
+            torch.stack([*b_list, torch.zeros_like(b_list[0])]),  # (k+1, R, out)
+        )
+        if cache:
+            route.cache[key] = stacks
+        return stacks
+
+    def row_factors(self, names: list[str], idx: Tensor, route: Route) -> tuple[Tensor, Tensor]:
+        """Each row's ``A^T`` ``(batch, in, R)`` and ``(scaling * B)^T`` ``(batch, R, out)`` (zeros: no update).
+
+        When every row has its own adapter, in order, the per-row factors are a slice of the stacks (no copy);
+        otherwise they are gathered. Without autograd they are cached on the route, so the decode steps of one
+        ``generate`` reuse them.
+        """
+        key = (id(self), "rows")
+        cache = not torch.is_grad_enabled()
+        if cache and key in route.cache:
+            return route.cache[key]
+        a_stack, b_stack = self.stacked_factors(names, route, cache=False)
+        rows = idx.numel()
+        if len(names) == rows and torch.equal(idx, torch.arange(rows, device=idx.device)):
+            result = a_stack[:rows], b_stack[:rows]
+        else:
+            result = a_stack[idx], b_stack[idx]
+        if cache:
+            route.cache[key] = result
+        return result
 
     def routed_dropout(self, x: Tensor, names: list[str], idx: Tensor) -> Tensor:
         """Each row's adapter's dropout on its input (identity in eval mode or when every p is 0)."""

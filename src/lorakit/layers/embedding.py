@@ -57,7 +57,7 @@ class LoraEmbedding(LoraLayer):
     def _routed(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
         a_t, b_t = self.stacked_factors(names, route)  # (k+1, num_embeddings, R), (k+1, R, dim)
         flat = x.reshape(x.shape[0], -1)  # (batch, tokens) of token ids
-        h = a_t[idx[:, None], flat]  # (batch, tokens, R): row b looks up its own adapter's table
+        h = a_t[idx[:, None], flat]  # (batch, tokens, R): each row looks up only its own adapter's table
         return torch.bmm(h, b_t[idx]).reshape(*x.shape, -1)  # (..., dim)
 
     def delta_weight(self, name: str) -> Tensor:

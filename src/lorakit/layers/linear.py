@@ -59,11 +59,11 @@ class LoraLinear(LoraLayer):
 
     def _routed(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
         """BGMV-style: gather each row's stacked factors and apply them with two batched matmuls."""
-        a_t, b_t = self.stacked_factors(names, route)  # (k+1, in, R), (k+1, R, out)
+        a_rows, b_rows = self.row_factors(names, idx, route)  # (batch, in, R), (batch, R, out)
         x = self.routed_dropout(x, names, idx)
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_t.dtype)  # (batch, tokens, in)
-        h = torch.bmm(flat, a_t[idx])  # (batch, tokens, R)
-        return torch.bmm(h, b_t[idx]).reshape(*x.shape[:-1], -1)  # (..., out)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (batch, tokens, in)
+        h = torch.bmm(flat, a_rows)  # (batch, tokens, R)
+        return torch.bmm(h, b_rows).reshape(*x.shape[:-1], -1)  # (..., out)
 
     def delta_weight(self, name: str) -> Tensor:
         a = self.lora_A[name].weight.float()  # (r, in)
