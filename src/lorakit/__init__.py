@@ -28,6 +28,7 @@ from lorakit.errors import (
 )
 from lorakit.inject import find_targets
 from lorakit.io.adapters import load_adapter, save_adapter
+from lorakit.io.arith import combine, inspect_adapter, resize_adapter
 from lorakit.merging import disabled, merge, unload, unmerge
 from lorakit.state import adapter_state_dict
 
@@ -50,15 +51,18 @@ __all__ = [
     "active_adapters",
     "adapter_state_dict",
     "add_adapter",
+    "combine",
     "delete_adapter",
     "disabled",
     "find_targets",
     "get_config",
+    "inspect_adapter",
     "list_adapters",
     "load_adapter",
     "load_model",
     "merge",
     "print_trainable_parameters",
+    "resize_adapter",
     "route",
     "save_adapter",
     "set_adapter",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.layers.base import LoraLayer, kaiming_a
+from lorakit.layers.lora_function import lora_linear_delta
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -50,9 +50,10 @@ class LoraLinear(LoraLayer):
         nn.init.zeros_(self.lora_B[name].weight)  # B = 0: a fresh adapter is a no-op
 
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        h = F.linear(self.lora_dropout[name](x).to(a.dtype), a)  # (..., r)
-        return F.linear(h, b) * self.scaling[name]  # (..., out_features)
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        # (..., in) -> (..., r) -> (..., out_features); saves x, a bool mask and h only (see lora_function)
+        return lora_linear_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
