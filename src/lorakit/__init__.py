@@ -27,7 +27,7 @@ from lorakit.errors import (
     TargetNotFoundError,
 )
 from lorakit.inject import find_targets
-from lorakit.io.adapters import load_adapter, save_adapter
+from lorakit.io.adapters import load_adapter, load_adapters, save_adapter
 from lorakit.io.arith import combine, inspect_adapter, resize_adapter
 from lorakit.merging import disabled, merge, unload, unmerge
 from lorakit.state import adapter_state_dict
@@ -59,6 +59,7 @@ __all__ = [
     "inspect_adapter",
     "list_adapters",
     "load_adapter",
+    "load_adapters",
     "load_model",
     "merge",
     "print_trainable_parameters",

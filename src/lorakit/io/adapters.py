@@ -12,7 +12,7 @@ from torch import nn
 
 from lorakit.adapters import active_adapters, add_adapter, delete_adapter, get_config, list_adapters
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterExistsError, IncompatibleAdapterError, TargetNotFoundError
+from lorakit.errors import AdapterExistsError, FormatError, IncompatibleAdapterError, TargetNotFoundError
 from lorakit.io.checkpoint import read_adapter_dir, write_adapter_dir
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, from_peft_state, to_peft_state
 from lorakit.layers import LoraEmbedding, ModulesToSave, iter_lora_layers
@@ -104,3 +104,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         delete_adapter(model, name)
         raise
     return name
+
+
+def load_adapters(model: nn.Module, folder: str | os.PathLike, trainable: bool = False) -> list[str]:
+    """Load every adapter under ``folder``: each sub-folder holding an ``adapter_config.json``, named after it.
+
+    A ``folder`` that is itself an adapter (PEFT's multi-adapter layout) loads as "default" first. Returns the
+    names loaded, in order; the first becomes active if none is.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(f"adapter folder {str(folder)!r} does not exist")
+    dirs = ([("default", folder)] if (folder / CONFIG_NAME).is_file() else []) + [
+        (d.name, d) for d in sorted(folder.iterdir()) if d.is_dir() and (d / CONFIG_NAME).is_file()
+    ]
+    if not dirs:
+        raise FormatError(f"{str(folder)!r} holds no adapter (no sub-folder with {CONFIG_NAME})")
+    return [load_adapter(model, path, name=name, trainable=trainable) for name, path in dirs]
