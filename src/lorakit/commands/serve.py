@@ -1,0 +1,42 @@
+"""``lorakit serve``: one base model, many adapters, an OpenAI-compatible HTTP API (see `lorakit.serve`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="base model: embedded name (default), HF folder or .gguf file")
+    parser.add_argument("--adapters", default=None, help="folder whose sub-folders are PEFT adapters (served by name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-adapters", type=int, default=None, help="most adapters in memory (LRU eviction)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="most requests decoding together (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="most tokens one request may ask for")
+    parser.add_argument("--merge", default=None, metavar="NAME", help="serve only adapter NAME merged into the base")
+    parser.add_argument("--dtype", default="float32", help="model dtype (float32, bf16, fp16)")
+    parser.add_argument("--device", default=None, help="torch device (default: CPU)")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.errors import ConfigError
+    from lorakit.models import default_model_name, load_model, resolve_model_source
+    from lorakit.serve.server import build_state
+    from lorakit.serve.server import run as serve
+
+    if args.adapters is not None and not Path(args.adapters).is_dir():
+        raise ConfigError(f"--adapters {args.adapters!r} is not a folder; give a folder of adapter sub-folders")
+    name = args.model or default_model_name()
+    source = resolve_model_source(name)
+    base_name = source.name if source.kind == "embedded" else Path(source.name).name
+    model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
+    state = build_state(
+        model, tokenizer, base_name=base_name, adapters_dir=args.adapters, max_adapters=args.max_adapters,
+        max_batch_size=args.max_batch_size, max_tokens=args.max_tokens, merge=args.merge,
+    )  # fmt: skip
+    served = state.model_names()
+    print(f"lorakit serve: http://{args.host}:{args.port}/v1 models: {served[:10]}{' ...' if len(served) > 10 else ''}")
+    serve(state, args.host, args.port, args.log_level)
+    return 0

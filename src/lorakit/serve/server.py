@@ -1,0 +1,72 @@
+"""Assemble a server (model, registry, batcher, app) and run it with uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.serve.app import ServeState, create_app
+from lorakit.serve.batcher import Batcher
+from lorakit.serve.metrics import Metrics
+from lorakit.serve.protocol import Limits
+from lorakit.serve.registry import AdapterRegistry
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+def build_state(
+    model,
+    tokenizer,
+    *,
+    base_name: str,
+    adapters_dir: str | os.PathLike | None = None,
+    max_adapters: int | None = None,
+    max_batch_size: int = 8,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    merge: str | None = None,
+) -> ServeState:
+    """Everything a server needs around a loaded ``(model, tokenizer)``.
+
+    Args:
+        model: The base model (eval mode; adapters are loaded into it on demand).
+        tokenizer: Its tokenizer.
+        base_name: The ``model`` name that selects the bare base model.
+        adapters_dir: Folder of adapter sub-folders (servable by folder name).
+        max_adapters: Cap on resident adapters (LRU eviction); None: no cap.
+        max_batch_size: Most requests decoding together.
+        max_tokens: Most tokens one request may ask for (also capped by the context length).
+        merge: Serve only this adapter (a folder of ``adapters_dir`` or a path), merged into the base weights.
+
+    Raises:
+        ConfigError: bad sizes; AdapterNotFoundError / FormatError / IncompatibleAdapterError for ``merge``.
+    """
+    if max_batch_size < 1 or max_tokens < 1:
+        raise ConfigError(f"max_batch_size and max_tokens must be >= 1, got {max_batch_size} and {max_tokens}")
+    model.eval()
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
+    limits = Limits(context=context, max_tokens=min(max_tokens, context - 1))
+    metrics = Metrics()
+    if merge is not None:
+        path = Path(merge) if Path(merge).is_dir() else AdapterRegistry(model, adapters_dir).path(merge)
+        name = path.name if Path(merge).is_dir() else merge
+        lorakit.load_adapter(model, path, name=name)
+        lorakit.set_adapter(model, name)
+        lorakit.unload(model, merge=True)  # plain modules again: zero adapter overhead per step
+        batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=False, metrics=metrics)
+        return ServeState(model, tokenizer, base_name, batcher, metrics, limits, None, merged=name)
+    batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=True, metrics=metrics)
+    registry = AdapterRegistry(
+        model, adapters_dir, max_adapters=max_adapters, run_on_model=batcher.call, reserved=(base_name,)
+    )
+    return ServeState(model, tokenizer, base_name, batcher, metrics, limits, registry)
+
+
+def run(state: ServeState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until interrupted (uvicorn)."""
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ImportError(f"lorakit serve needs uvicorn ({exc}): pip install 'lorakit[serve]'") from exc
+    uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)

@@ -1,0 +1,60 @@
+"""Serving test helpers: a real uvicorn server on a free loopback port, and solo greedy reference answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import lorakit
+
+
+@contextmanager
+def running_server(model_dir: Path, adapters: Path | None = None, **kwargs) -> Iterator[tuple[str, object]]:
+    """Start `lorakit serve` on a free 127.0.0.1 port in a thread; yields ``(base_url, state)``; always stops."""
+    import uvicorn
+
+    from lorakit.serve.app import create_app
+    from lorakit.serve.server import build_state
+
+    model, tokenizer = lorakit.load_model(model_dir)
+    state = build_state(model, tokenizer, base_name="tiny", adapters_dir=adapters, **kwargs)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def solo_greedy(model_dir: Path, adapters: Path, requests: list[tuple[str | None, list[int], int]]) -> list[str]:
+    """Reference answers: each request run alone with `generate` (greedy) and its adapter routed, one model."""
+    model, tokenizer = lorakit.load_model(model_dir)
+    for name in sorted({a for a, _, _ in requests if a is not None}):
+        lorakit.load_adapter(model, adapters / name, name=name)
+    out = []
+    for adapter, ids, max_tokens in requests:
+        x = torch.tensor([ids])
+        with torch.no_grad(), lorakit.route(model, [adapter]):
+            y = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+        out.append(tokenizer.decode(y[0, len(ids) :], skip_special_tokens=True))
+    return out
