@@ -1,4 +1,7 @@
-"""``lorakit merge``: fold an adapter into its base and write a plain Hugging Face model folder."""
+"""``lorakit merge``: fold an adapter into its base and write a plain Hugging Face model folder.
+
+With ``--quantized nf4`` the adapter was trained on a 4-bit base; see `lorakit.commands.qmerge`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.commands.qmerge import add_quant_args, check_quant_args, merge_quantized_model
 from lorakit.errors import FormatError
 
 
@@ -17,23 +21,39 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="PEFT-format adapter folder")
     parser.add_argument("--out", required=True, help="output folder for the merged model (config + safetensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    add_quant_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from lorakit import load_adapter, unload
     from lorakit.models import load_model
 
+    mode = check_quant_args(args)  # bad flags fail before any model loads
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FormatError(f"--out {str(out)!r} already exists and is not empty; pass --overwrite or pick a new folder")
     model, tokenizer = load_model(args.model)
-    load_adapter(model, args.adapter)
     probe = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     probe = probe.clamp(max=model.get_input_embeddings().num_embeddings - 1)  # a tokenizer larger than the model
-    with torch.no_grad():
-        before = model(probe).logits
-        unload(model, merge=True)
-        drift = (model(probe).logits - before).abs().max().item()  # merged vs unmerged, same probe
+    if mode is not None:
+        model, report = merge_quantized_model(args, mode, model, probe)
+        message = report.summary()
+        if mode == "nf4":
+            message += "; the folder holds NF4 codes: load it with lorakit.quantize(base) + load_state_dict"
+    else:
+        load_adapter(model, args.adapter)
+        with torch.no_grad():
+            before = model(probe).logits
+            unload(model, merge=True)
+            drift = (model(probe).logits - before).abs().max().item()  # merged vs unmerged, same probe
+        message = f"max |logit change| vs unmerged on a probe: {drift:.2e}"
+    print(message)  # the drift is shown before anything is written
+    _write(model, tokenizer, out)
+    print(f"merged {args.adapter} into {args.merge_into or args.model} -> {out}")
+    return 0
+
+
+def _write(model, tokenizer, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -45,5 +65,3 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"merged {args.adapter} into {args.model} -> {out} (max |logit change| vs unmerged on a probe: {drift:.2e})")
-    return 0
