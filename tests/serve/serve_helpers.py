@@ -58,3 +58,14 @@ def solo_greedy(model_dir: Path, adapters: Path, requests: list[tuple[str | None
             )  # fmt: skip
         out.append(tokenizer.decode(y[0, len(ids) :], skip_special_tokens=True))
     return out
+
+
+def slow_down(model, seconds: float) -> None:
+    """Make every forward pass of ``model`` take at least ``seconds`` longer (for tests that race generation)."""
+    forward = model.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    model.forward = slow

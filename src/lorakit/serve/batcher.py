@@ -9,6 +9,7 @@ its cached stacked factors serve every decode step of that batch.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 from collections import deque
@@ -87,6 +88,8 @@ class Batcher:
         self._route: AbstractContextManager | None = None
         self._route_rows: tuple | None = None
         self._stop = False
+        # transformers >= 5.2x names the cache argument `cache` (and warns about `past_key_values`)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._thread = threading.Thread(target=self._loop, name="lorakit-batcher", daemon=True)
 
     # ---- called from other threads ------------------------------------------------------------------------
@@ -180,7 +183,7 @@ class Batcher:
         ids = torch.tensor([req.prompt_ids], device=self.model.device)  # (1, prompt)
         cache = DynamicCache(config=self.model.config)
         with self._routing((req.adapter,)):
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
         if self.metrics:
             self.metrics.prompt_tokens(len(req.prompt_ids))
         row = _Row(req, TextStream(self.tokenizer, req.params.stop), make_generator(req.params.seed), len(ids[0]))
@@ -197,7 +200,7 @@ class Batcher:
                 input_ids=torch.tensor([[r.last] for r in rows], device=device),  # (batch, 1)
                 attention_mask=self._cache.step_mask(device),  # (batch, length + 1)
                 position_ids=torch.tensor([[r.pos] for r in rows], device=device),  # (batch, 1)
-                past_key_values=self._cache.cache,
+                **{self._cache_kw: self._cache.cache},
                 cache_position=torch.tensor([self._cache.length], device=device),
                 use_cache=True,
                 logits_to_keep=1,
