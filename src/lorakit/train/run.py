@@ -22,7 +22,7 @@ from lorakit.train.data import display_prompt, read_jsonl, split_train_eval, tok
 from lorakit.train.evaluate import eval_loss, format_table, generation_eval
 from lorakit.train.loop import Trainer
 from lorakit.train.plot import plot_loss
-from lorakit.train.precision import make_autocast
+from lorakit.train.precision import choose_threads, make_autocast
 
 logger = logging.getLogger("lorakit.train")
 ADAPTER = "default"
@@ -118,8 +118,16 @@ def run_training(config: TrainConfig | dict | str | None = None, *, model=None, 
     else:
         cfg = build_config(config, **overrides)
     cfg.require_paths()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    threads = torch.get_num_threads()
+    try:
+        if model is None or next(model.parameters()).device.type == "cpu":
+            choose_threads(cfg.num_threads)
+        return _run(cfg, model, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: TrainConfig, model, tokenizer) -> TrainResult:
     rows = read_jsonl(cfg.data, cfg.skip_bad_lines)
     if cfg.eval_data:
         eval_rows = read_jsonl(cfg.eval_data, cfg.skip_bad_lines)
