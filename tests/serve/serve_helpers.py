@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,30 +15,12 @@ import lorakit
 @contextmanager
 def running_server(model_dir: Path, adapters: Path | None = None, **kwargs) -> Iterator[tuple[str, object]]:
     """Start `lorakit serve` on a free 127.0.0.1 port in a thread; yields ``(base_url, state)``; always stops."""
-    import uvicorn
-
-    from lorakit.serve.app import create_app
-    from lorakit.serve.server import build_state
+    from lorakit.serve.server import build_state, serve_in_thread
 
     model, tokenizer = lorakit.load_model(model_dir)
     state = build_state(model, tokenizer, base_name="tiny", adapters_dir=adapters, **kwargs)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", state
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with serve_in_thread(state) as url:
+        yield url, state
 
 
 def solo_greedy(model_dir: Path, adapters: Path, requests: list[tuple[str | None, list[int], int]]) -> list[str]:

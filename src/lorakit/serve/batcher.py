@@ -1,7 +1,7 @@
 """Continuous batching: one scheduler thread runs every forward pass; requests join and leave between steps.
 
 Each step the scheduler (1) runs queued model changes (adapter loads/deletes) while no route is open, (2) drops
-cancelled requests, (3) prefills newly admitted requests one at a time (exactly the shapes of a solo run) and
+cancelled requests, (3) prefills newly admitted requests together in one left-padded pass and
 splices their caches into the batch (`lorakit.serve.kvcache`), and (4) runs one decode step for all running rows,
 each with its own adapter through `lorakit.route`. The route stays open while the set of rows is unchanged, so
 its cached stacked factors serve every decode step of that batch.
@@ -26,6 +26,7 @@ from lorakit.serve.sampling import SamplingParams, TextStream, choose_token, mak
 
 __all__ = ["Batcher", "Event", "GenRequest", "SamplingParams"]
 _ids = itertools.count()
+MAX_PREFILL_TOKENS = 4096  # most (padded) tokens in one prefill pass
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class _Row:
     req: GenRequest
     stream: TextStream
     gen: torch.Generator
-    pos: int  # real tokens in the cache (the next position id)
+    pos: int = 0  # real tokens in the cache (the next position id)
     last: int = -1
     generated: int = 0
 
@@ -164,32 +165,56 @@ class Batcher:
                 future.set_exception(exc)
 
     def _admit(self) -> None:
+        """Prefill waiting requests (together, within a token budget) while the batch has room."""
         while len(self._running) < self.max_batch_size:
+            group: list[GenRequest] = []
             with self._cond:
-                if not self._pending:
-                    return
-                req = self._pending.popleft()
-            if req.cancelled:
-                self._finish(req, Event("", "cancelled"))
-                continue
+                while self._pending and len(self._running) + len(group) < self.max_batch_size:
+                    req = self._pending[0]
+                    width = max([len(req.prompt_ids), *(len(r.prompt_ids) for r in group)])
+                    if group and width * (len(group) + 1) > MAX_PREFILL_TOKENS:
+                        break
+                    group.append(self._pending.popleft())
+            if not group:
+                return
             try:
-                self._prefill(req)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
-                self._finish(req, Event("", "error", error=f"{type(exc).__name__}: {exc}"))
+                self._prefill(group)
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the server
+                for req in group:
+                    self._finish(req, Event("", "error", error=f"{type(exc).__name__}: {exc}"))
 
-    def _prefill(self, req: GenRequest) -> None:
+    def _prefill(self, group: list[GenRequest]) -> None:
+        """One left-padded forward pass over the prompts of ``group``; their caches join the running batch."""
         from transformers import DynamicCache
 
-        ids = torch.tensor([req.prompt_ids], device=self.model.device)  # (1, prompt)
+        device, width = self.model.device, max(len(r.prompt_ids) for r in group)
+        pad = [width - len(r.prompt_ids) for r in group]
+        ids = torch.tensor([[0] * p + r.prompt_ids for p, r in zip(pad, group)], device=device)  # (rows, width)
+        mask = (torch.arange(width, device=device)[None, :] >= torch.tensor(pad, device=device)[:, None]).long()
         cache = DynamicCache(config=self.model.config)
-        with self._routing((req.adapter,)):
-            out = self.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
-        if self.metrics:
-            self.metrics.prompt_tokens(len(req.prompt_ids))
-        row = _Row(req, TextStream(self.tokenizer, req.params.stop), make_generator(req.params.seed), len(ids[0]))
-        if not self._emit(row, out.logits[0, -1]):
-            self._cache.add(cache)
-            self._running.append(row)
+        with self._routing(tuple(r.adapter for r in group)):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # (rows, width): each row counts from 0
+                **{self._cache_kw: cache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        joined = BatchCache()
+        joined.add(cache, pad)
+        alive = []
+        for i, req in enumerate(group):
+            if self.metrics:
+                self.metrics.prompt_tokens(len(req.prompt_ids))
+            row = _Row(req, TextStream(self.tokenizer, req.params.stop), make_generator(req.params.seed))
+            row.pos = len(req.prompt_ids)
+            if not self._emit(row, out.logits[i, -1]):
+                alive.append(i)
+                self._running.append(row)
+        if alive:
+            joined.keep(alive)
+            self._cache.add(joined.cache, joined.pad)
 
     def _decode(self) -> None:
         rows = self._running

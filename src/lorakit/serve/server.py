@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lorakit
@@ -70,3 +75,30 @@ def run(state: ServeState, host: str = "127.0.0.1", port: int = 8000, log_level:
     except ImportError as exc:
         raise ImportError(f"lorakit serve needs uvicorn ({exc}): pip install 'lorakit[serve]'") from exc
     uvicorn.run(create_app(state), host=host, port=port, log_level=log_level)
+
+
+@contextmanager
+def serve_in_thread(state: ServeState, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run the server in a background thread (port 0: a free port); yields its base URL and stops it on exit.
+
+    For tests, benchmarks and notebooks; the socket is bound before the thread starts, so there is no race for
+    the port.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lorakit-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the server on {host}:{sock.getsockname()[1]} did not start")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
