@@ -86,3 +86,11 @@ def test_resume_and_overwrite_together_are_refused():
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         TrainConfig().r = 4  # type: ignore[misc]
+
+
+def test_the_train_package_is_callable_as_lorakit_train():
+    import lorakit.train
+
+    assert callable(lorakit.train) and lorakit.train.TrainConfig is TrainConfig
+    with pytest.raises(ConfigError, match="--data and --output-dir"):
+        lorakit.train(max_steps=1)
