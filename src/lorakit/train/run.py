@@ -78,6 +78,8 @@ def _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast)
     if eval_examples:
         out["eval_loss"] = eval_loss(model, eval_examples, pad_id, cfg.eval_batch_size, autocast)
     gen_rows = [r for r in eval_rows if r.format != "text"]
+    if cfg.eval_generate and eval_rows and not gen_rows:
+        logger.info("generation eval skipped: the eval rows are 'text' rows with no completion to compare against")
     if cfg.eval_generate and gen_rows:
         g = generation_eval(model, tokenizer, gen_rows, cfg.chat_template, cfg.max_new_tokens, cfg.eval_batch_size,
                             autocast)  # fmt: skip
