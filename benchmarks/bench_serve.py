@@ -29,6 +29,7 @@ from peft import PeftModel
 
 import lorakit
 from lorakit import LoraConfig
+from lorakit.layers import iter_lora_layers
 from lorakit.models import default_model_name, ensure_cached, load_model
 from lorakit.serve.server import build_state, serve_in_thread
 
@@ -46,9 +47,9 @@ def _save_adapters(folder: Path) -> None:
     for name in ADAPTERS:
         lorakit.add_adapter(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), name=name)
         with torch.no_grad():
-            for key, t in lorakit.adapter_state_dict(model, name).items():
-                if ".lora_B." in key:  # (test fixture values; structural selection is not needed here)
-                    t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
+            for _, layer in iter_lora_layers(model):
+                b = layer.lora_B[name].weight
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
         lorakit.save_adapter(model, folder / name, name=name)
 
 

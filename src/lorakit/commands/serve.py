@@ -17,15 +17,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", default=None, metavar="NAME", help="serve only adapter NAME merged into the base")
     parser.add_argument("--dtype", default="float32", help="model dtype (float32, bf16, fp16)")
     parser.add_argument("--device", default=None, help="torch device (default: CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from lorakit.errors import ConfigError
     from lorakit.models import default_model_name, load_model, resolve_model_source
     from lorakit.serve.server import build_state
     from lorakit.serve.server import run as serve
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters!r} is not a folder; give a folder of adapter sub-folders")
     name = args.model or default_model_name()
