@@ -69,6 +69,7 @@ def test_bnb_backend_refuses_shapes_its_cpu_kernel_gets_wrong(tiny_llama):
     """bitsandbytes 0.50's CPU dequantize is wrong for in_features 32 (blocks straddle rows): refuse, don't drift."""
     with pytest.raises(lorakit.ConfigError, match="backend='torch'"):
         quantize(tiny_llama, "nf4", backend="bnb")
+    assert not any(is_bnb_4bit(m) for m in tiny_llama.modules())  # all or nothing
 
 
 def test_lora_on_a_bnb_base_trains_and_matches_the_torch_backend(llama64):

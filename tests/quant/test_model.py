@@ -49,6 +49,12 @@ def test_unknown_method_or_backend_names_the_choices(tiny_llama, kwargs, match):
         quantize(tiny_llama, **kwargs)
 
 
+def test_quantizing_twice_says_so(tiny_llama):
+    quantize(tiny_llama, "nf4")
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize(tiny_llama, "nf4")
+
+
 def test_a_model_without_block_linears_is_refused():
     with pytest.raises(ConfigError, match="numbered transformer blocks"):
         quantize(nn.Sequential(nn.Embedding(4, 4)), "nf4")

@@ -129,18 +129,22 @@ def quantize(
             f"quantize the base model before adding adapters: {wrapped[:3]} already wrap a base layer; "
             "call lorakit.quantize(model) first, then lorakit.add_adapter / load_adapter"
         )
+    if not chosen and any(is_quantized(m) for m in model.modules()):
+        raise ConfigError(f"{type(model).__name__} is already quantized (its block Linear layers are 4-bit)")
     if not chosen:
         raise ConfigError(
             f"quantize found no nn.Linear inside numbered transformer blocks of {type(model).__name__} "
             "(e.g. 'model.layers.0.mlp.up_proj'); the output head and embeddings are never quantized"
         )
-    for name in chosen:
+    replacements = {}
+    for name in chosen:  # all built before any is swapped in: an error leaves the model as it was
         linear = model.get_submodule(name)
         if backend == "bnb":
-            new = to_bnb_linear4bit(linear, double_quant=double_quant, compute_dtype=compute_dtype)
+            replacements[name] = to_bnb_linear4bit(linear, double_quant=double_quant, compute_dtype=compute_dtype)
         else:
             new = NF4Linear.from_linear(linear, double_quant=double_quant, compute_dtype=compute_dtype)
-            new.train(linear.training)
+            replacements[name] = new.train(linear.training)
+    for name, new in replacements.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return model
