@@ -1,0 +1,103 @@
+"""QLoRA checks that need CUDA (run by a session that is lent a GPU; this one was not).
+
+1. lorakit's NF4 codes vs bitsandbytes' CUDA kernel (its decision-tree quantizer, not the torch path tested on
+   CPU): packed codes equal, dequantized values equal (no double quant), absmax codes within one level (with).
+2. NF4Linear on CUDA: forward and input gradient equal an nn.Linear holding the dequantized weight (fp32 1e-5,
+   bf16 compute 1e-2); peak CUDA memory of fwd+bwd holds no second dense weight per layer.
+3. LoRA on a bnb Linear4bit (CUDA) trains; gradients equal the torch backend's (1e-4).
+
+Run: python benchmarks/device_check_qlora.py   (writes benchmarks/results/device_check_qlora.json)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.quant import NF4Linear, dequantized_weight
+from lorakit.quant.bnb import to_bnb_linear4bit
+from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
+
+
+def codes_vs_bnb_cuda() -> dict:
+    import bitsandbytes.functional as F
+
+    out = {}
+    for shape in [(576, 576), (1536, 576), (3, 577)]:
+        w = torch.randn(shape, device="cuda") * 0.02
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+        q = quantize_nf4(w)
+        packed_dq, state_dq = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        q_dq = quantize_nf4(w, double_quant=True)
+        out[str(shape)] = {
+            "codes_equal": torch.equal(packed.reshape(-1), q.packed),
+            "codes_differ_frac": (packed.reshape(-1) != q.packed).float().mean().item(),
+            "values_equal": torch.equal(F.dequantize_4bit(packed, state), dequantize_nf4(q)),
+            "dq_codes_equal": torch.equal(packed_dq.reshape(-1), q_dq.packed),
+            "dq_absmax_max_code_diff": (state_dq.absmax.int() - q_dq.absmax.int()).abs().max().item(),
+        }
+    return out
+
+
+def nf4linear_cuda() -> dict:
+    torch.manual_seed(0)
+    out = {}
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        layer = NF4Linear.from_linear(nn.Linear(576, 1536).cuda(), compute_dtype=dtype)
+        ref = nn.Linear(576, 1536, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            ref.weight.copy_(layer.dequantized_weight())
+            ref.bias.copy_(layer.bias)
+        x = torch.randn(4, 256, 576, device="cuda", dtype=dtype, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        layer(x).float().pow(2).sum().backward()
+        peak = torch.cuda.max_memory_allocated() - start
+        ref(x_ref).float().pow(2).sum().backward()
+        out[str(dtype)] = {
+            "grad_max_diff": (x.grad - x_ref.grad).abs().max().item(),
+            "ok": torch.allclose(x.grad.float(), x_ref.grad.float(), atol=tol * 10, rtol=tol),
+            "peak_extra_mib": peak / 2**20,
+            "dense_weight_mib": 576 * 1536 * torch.finfo(dtype).bits / 8 / 2**20,
+        }
+    return out
+
+
+def lora_on_bnb_cuda() -> dict:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.ModuleDict({"0": nn.ModuleDict({"proj": nn.Linear(576, 576)})}))
+    lin = base[0]["0"]["proj"].cuda()
+    results = {}
+    for backend, layer in [("bnb", to_bnb_linear4bit(lin)), ("torch", NF4Linear.from_linear(lin))]:
+        wrapped = lorakit.layers.wrap(layer)
+        torch.manual_seed(1)
+        wrapped.update_layer("a", r=8, lora_alpha=16, lora_dropout=0.0, init=False, use_rslora=False)
+        wrapped.set_active(["a"])
+        x = torch.randn(8, 576, device="cuda")
+        wrapped(x).pow(2).sum().backward()
+        results[backend] = (wrapped.lora_A["a"].weight.grad, dequantized_weight(layer, torch.float32))
+    (ga, wa), (gb, wb) = results["bnb"], results["torch"]
+    return {"weight_max_diff": (wa - wb).abs().max().item(), "lora_grad_max_diff": (ga - gb).abs().max().item()}
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: nothing to check")
+    report = {"device": torch.cuda.get_device_name(), "nf4linear": nf4linear_cuda()}
+    try:
+        report["codes_vs_bnb_cuda"] = codes_vs_bnb_cuda()
+        report["lora_on_bnb"] = lora_on_bnb_cuda()
+    except ImportError as exc:
+        report["bnb"] = f"not installed: {exc}"
+    out = Path(__file__).parent / "results" / "device_check_qlora.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
