@@ -70,8 +70,7 @@ def nf4linear_cuda() -> dict:
 
 def lora_on_bnb_cuda() -> dict:
     torch.manual_seed(0)
-    base = nn.Sequential(nn.ModuleDict({"0": nn.ModuleDict({"proj": nn.Linear(576, 576)})}))
-    lin = base[0]["0"]["proj"].cuda()
+    lin = nn.Linear(576, 576).cuda()
     results = {}
     for backend, layer in [("bnb", to_bnb_linear4bit(lin)), ("torch", NF4Linear.from_linear(lin))]:
         wrapped = lorakit.layers.wrap(layer)
