@@ -9,7 +9,7 @@ from torch import nn
 
 import lorakit
 from lorakit.layers import LoraQuantLinear
-from lorakit.quant import NF4Linear, dequantized_weight, is_bnb_4bit, quantize
+from lorakit.quant import NF4Linear, dequantized_weight, disable_cpu_repacking, is_bnb_4bit, quantize
 from lorakit.quant.bnb import to_bnb_linear4bit
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -97,3 +97,30 @@ def test_lora_on_a_bnb_base_trains_and_matches_the_torch_backend(llama64):
     ga = tiny_llama.model.layers[1].mlp.down_proj.lora_A["default"].weight.grad
     gb = twin.model.layers[1].mlp.down_proj.lora_A["default"].weight.grad
     torch.testing.assert_close(ga, gb, atol=1e-4, rtol=1e-3)
+
+
+def test_a_model_loaded_4bit_by_transformers_takes_lorakit_adapters(llama64, tmp_path):
+    """``BitsAndBytesConfig(load_in_4bit=True)`` (what CUDA users load) trains like lorakit's own NF4 base."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    llama64.save_pretrained(tmp_path / "fp32")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config, device_map="cpu")
+    assert disable_cpu_repacking(loaded) == 14  # transformers leaves bitsandbytes' default (the trap) on
+    quantize(llama64, "nf4", double_quant=False)
+    lora = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    for model in (loaded, llama64):
+        torch.manual_seed(1)
+        lorakit.add_adapter(model, lora)
+        model.train()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    losses = [m(ids, labels=ids).loss for m in (loaded, llama64)]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=0)
+    for loss in losses:
+        loss.backward()
+    ours, theirs = (lorakit.adapter_state_dict(m, "default") for m in (llama64, loaded))
+    for key in ours:
+        torch.testing.assert_close(theirs[key].grad, ours[key].grad, atol=1e-5, rtol=1e-4, msg=key)
