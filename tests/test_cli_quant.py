@@ -73,3 +73,19 @@ def test_bad_flag_combinations_fail_in_one_line(setup, capsys, flags, match):
     assert _merge(tmp_path, *flags) == 1
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+
+
+def test_nf4_mode_writes_codes_that_load_into_a_quantized_base(setup, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tmp_path, _ = setup
+    assert _merge(tmp_path, "--quantized", "nf4", "--mode", "nf4") == 0
+    assert "mode=nf4" in capsys.readouterr().out
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    quantize(fresh, "nf4")
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
+    code_keys = [k for k in state if k.endswith(".qweight")]
+    assert len(code_keys) == 14 and state[code_keys[0]].dtype == torch.uint8
