@@ -29,7 +29,9 @@ from lorakit.errors import (
 from lorakit.inject import find_targets
 from lorakit.io.adapters import load_adapter, load_adapters, save_adapter
 from lorakit.io.arith import combine, inspect_adapter, resize_adapter
+from lorakit.io.quant_merge import merge_quantized
 from lorakit.merging import disabled, merge, unload, unmerge
+from lorakit.quant import quantize
 from lorakit.state import adapter_state_dict
 
 __version__ = "0.1.0"
@@ -62,7 +64,9 @@ __all__ = [
     "load_adapters",
     "load_model",
     "merge",
+    "merge_quantized",
     "print_trainable_parameters",
+    "quantize",
     "resize_adapter",
     "route",
     "save_adapter",
