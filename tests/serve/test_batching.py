@@ -81,6 +81,20 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(tiny_serve_dir, adapte
         assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_non_streaming_client_that_gives_up_frees_its_slot(tiny_serve_dir, adapters_dir):
+    with running_server(tiny_serve_dir, adapters_dir, max_batch_size=1) as (url, state):
+        slow_down(state.model, 0.02)
+        body = {"model": "a3", "prompt": "Tell me a story", "max_tokens": 200, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        deadline = time.monotonic() + 10
+        while (state.batcher.running or _pinned(state)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert state.batcher.running == 0 and not _pinned(state)
+        metrics = httpx.get(url + "/metrics").text
+        assert _metric(metrics, 'lorakit_requests_total{finish_reason="cancelled"}') == 1, metrics
+
+
 def _pinned(state) -> bool:
     return any(state.registry._pins.values())
 

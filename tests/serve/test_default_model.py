@@ -26,20 +26,22 @@ def test_default_model_mixed_batch_equals_solo_answers(default_model_dir, tmp_pa
     lorakit.save_adapter(model, tmp_path / "adapters" / "style", name="style")
     del model
     messages = [{"role": "user", "content": "What is the capital of France?"}]
+    longer = [{"role": "user", "content": "Name one planet of the solar system, then say why it is interesting."}]
+    jobs = [("style", messages), ("tiny", messages), ("style", longer), ("tiny", longer)]  # padded rows too
     with running_server(default_model_dir, tmp_path / "adapters", max_tokens=32) as (url, state):
 
-        async def ask(model_name):
+        async def ask(model_name, chat):
             async with httpx.AsyncClient(timeout=60) as client:
-                body = {"model": model_name, "messages": messages, "max_tokens": 8, "temperature": 0}
+                body = {"model": model_name, "messages": chat, "max_tokens": 8, "temperature": 0}
                 return (await client.post(url + "/v1/chat/completions", json=body)).json()
 
-        async def both():
-            return await asyncio.gather(ask("style"), ask("tiny"))
+        async def together():
+            return await asyncio.gather(*(ask(m, chat) for m, chat in jobs))
 
-        answers = asyncio.run(both())
-        ids = encode_chat(state.tokenizer, messages)
+        answers = asyncio.run(together())
+        requests = [(None if m == "tiny" else m, encode_chat(state.tokenizer, chat), 8) for m, chat in jobs]
     texts = [a["choices"][0]["message"]["content"] for a in answers]
-    expected = solo_greedy(default_model_dir, tmp_path / "adapters", [("style", ids, 8), (None, ids, 8)])
-    assert texts == expected and texts[0] != texts[1]
+    assert texts == solo_greedy(default_model_dir, tmp_path / "adapters", requests)
+    assert texts[0] != texts[1]
     assert "Paris" in texts[1]  # the real instruct model answers sensibly through the chat template
     assert time.perf_counter() - start < 30

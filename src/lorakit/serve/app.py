@@ -221,13 +221,18 @@ async def _collect(state, job: Job, reqs, queue: asyncio.Queue, request) -> dict
     """Wait for every choice; None if the client went away (its requests are cancelled)."""
     texts, reasons = [""] * len(reqs), [None] * len(reqs)
     prompt = completion = 0
+    checked = time.monotonic()
     try:
         while any(r is None for r in reasons):
             try:
                 index, event = await asyncio.wait_for(queue.get(), _POLL_S)
             except TimeoutError:
+                index, event = None, None
+            if time.monotonic() - checked >= _POLL_S:  # tokens may arrive faster than the poll interval
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return None
+            if event is None:
                 continue
             if event.error:
                 raise ApiError(500, f"generation failed: {event.error}", code="generation_failed")
