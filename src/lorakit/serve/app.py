@@ -72,6 +72,12 @@ def create_app(state: ServeState):
         state.metrics.http_error(exc.status)
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):  # unknown paths, wrong methods: OpenAI's shape too
+        return await _api_error(_request, ApiError(exc.status_code, str(exc.detail)))
+
     async def generate(request, chat: bool):
         job = protocol.parse(await _json_body(request), state.tokenizer, state.limits, chat=chat)
         adapter = await _acquire(state, job.model, len(job.prompts))

@@ -10,58 +10,21 @@ its cached stacked factors serve every decode step of that batch.
 from __future__ import annotations
 
 import inspect
-import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 
 import lorakit
 from lorakit.serve.kvcache import BatchCache
+from lorakit.serve.request import Event, GenRequest, RowState
 from lorakit.serve.sampling import SamplingParams, TextStream, choose_token, make_generator
 
 __all__ = ["Batcher", "Event", "GenRequest", "SamplingParams"]
-_ids = itertools.count()
 MAX_PREFILL_TOKENS = 4096  # most (padded) tokens in one prefill pass
-
-
-@dataclass(frozen=True)
-class Event:
-    """What the scheduler tells a request's owner after each token: new text, and the reason once finished."""
-
-    text: str
-    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class GenRequest:
-    """One generation request. ``on_event`` and ``on_done`` are called on the scheduler thread."""
-
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    on_done: Callable[[], None] | None = None
-    id: int = field(default_factory=lambda: next(_ids))
-    cancelled: bool = False
-    finished: bool = False
-
-
-@dataclass(eq=False)
-class _Row:
-    req: GenRequest
-    stream: TextStream
-    gen: torch.Generator
-    pos: int = 0  # real tokens in the cache (the next position id)
-    last: int = -1
-    generated: int = 0
 
 
 class Batcher:
@@ -84,7 +47,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._pending: deque[GenRequest] = deque()
         self._commands: list[tuple[Callable, Future]] = []
-        self._running: list[_Row] = []
+        self._running: list[RowState] = []
         self._cache = BatchCache()
         self._route: AbstractContextManager | None = None
         self._route_rows: tuple | None = None
@@ -207,7 +170,7 @@ class Batcher:
         for i, req in enumerate(group):
             if self.metrics:
                 self.metrics.prompt_tokens(len(req.prompt_ids))
-            row = _Row(req, TextStream(self.tokenizer, req.params.stop), make_generator(req.params.seed))
+            row = RowState(req, TextStream(self.tokenizer, req.params.stop), make_generator(req.params.seed))
             row.pos = len(req.prompt_ids)
             if not self._emit(row, out.logits[i, -1]):
                 alive.append(i)
@@ -246,7 +209,7 @@ class Batcher:
         if len(alive) < len(rows):
             self._keep(alive)
 
-    def _emit(self, row: _Row, logits: torch.Tensor) -> bool:
+    def _emit(self, row: RowState, logits: torch.Tensor) -> bool:
         """Pick the row's next token and tell its owner; return whether the request is finished."""
         req, params = row.req, row.req.params
         token = choose_token(logits, params, row.gen)
