@@ -78,15 +78,21 @@ class LoraLayer(nn.Module):
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         # nn.Identity returns x itself: with dropout 0 the branch makes no copy of the input.
         self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
-        weight = self.base_layer.weight
-        # Low-precision bases get fp32 adapters: small updates vanish in bf16/fp16 optimizer steps.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self._create_factors(name, r, dtype, weight.device)
+        self._create_factors(name, r, *self.adapter_dtype_device())
         self._init_factors(name, init)
         for attr in (*self.adapter_attrs, "lora_dropout"):
             entry = getattr(self, attr)[name]
             if isinstance(entry, nn.Module):
                 entry.train(self.training)  # adding to a model in eval mode must not switch dropout on
+
+    def adapter_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """Dtype and device of new adapter factors: the base weight's, fp32 for low-precision bases.
+
+        Small updates vanish in bf16/fp16 optimizer steps, so adapters on such bases are kept in fp32.
+        """
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        return dtype, weight.device
 
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` and free its tensors."""

@@ -15,7 +15,14 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D`` (whose weight is (in, out))."""
+    """``(in_features, out_features)`` of a linear map.
+
+    Integer attributes win when present (``nn.Linear``, 4-bit layers whose weight is packed); otherwise the
+    weight's shape tells (``Conv1D`` stores it (in, out)).
+    """
+    shape = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if all(isinstance(v, int) for v in shape) and not is_hf_conv1d(module):
+        return shape
     rows, cols = module.weight.shape
     return (rows, cols) if is_hf_conv1d(module) else (cols, rows)
 

@@ -9,8 +9,6 @@ and reports the drift.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -35,12 +33,7 @@ class LoraQuantLinear(LoraLinear):
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
-        # LoraLinear.__init__ reads base_layer.weight.shape, which a 4-bit layer does not have in (out, in).
-        LoraLayer.__init__(self, base_layer)
-        self.fan_in_fan_out = False
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = nn.ModuleDict()  # adapter -> nn.Linear(in_features, r, bias=False)
-        self.lora_B = nn.ModuleDict()  # adapter -> nn.Linear(r, out_features, bias=False)
+        super().__init__(base_layer, fan_in_fan_out=False)  # shapes from in_features / out_features
 
     # The generic composition base(x) + sum of branches: the base runs its own 4-bit autograd function.
     forward = LoraLayer.forward
@@ -54,21 +47,6 @@ class LoraQuantLinear(LoraLinear):
         """fp32 adapters (fp64 for an fp64 compute dtype) on the device of the base's codes."""
         dtype = compute_dtype_of(self.base_layer)
         return (dtype if dtype == torch.float64 else torch.float32), quantized_device(self.base_layer)
-
-    def update_layer(
-        self, name: str, r: int, lora_alpha: float, lora_dropout: float, init: bool | str, use_rslora: bool
-    ) -> None:
-        """Add adapter ``name`` (as `LoraLayer.update_layer`, with dtype/device from `adapter_dtype_device`)."""
-        self.r[name] = r
-        self.lora_alpha[name] = lora_alpha
-        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self._create_factors(name, r, *self.adapter_dtype_device())
-        self._init_factors(name, init)
-        for attr in (*self.adapter_attrs, "lora_dropout"):
-            entry = getattr(self, attr)[name]
-            if isinstance(entry, nn.Module):
-                entry.train(self.training)
 
     def merge(self, name: str) -> None:
         """Refused: see `lorakit.merge_quantized`."""
