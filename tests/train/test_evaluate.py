@@ -86,7 +86,7 @@ def test_gathered_loss_equals_full_logits_loss_with_padding():
     mask[1, 7:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert float(causal_lm_loss(model, batch)) == pytest.approx(float(ref), rel=1e-5)
+    assert float(causal_lm_loss(model, batch).detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
 
 
 def test_format_table_shows_both_columns():
