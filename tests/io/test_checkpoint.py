@@ -180,3 +180,13 @@ def test_save_keeps_other_files_in_the_folder(tiny_llama, tmp_path):
     lorakit.add_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]))
     lorakit.save_adapter(tiny_llama, tmp_path)
     assert (tmp_path / "README.md").read_text() == "my notes"
+
+
+def test_saved_adapter_files_are_readable_by_others_like_plain_files(tiny_llama, tmp_path):
+    """mkstemp creates 0600 files: without a chmod, a saved adapter is unreadable to a serving user."""
+    lorakit.add_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]))
+    lorakit.save_adapter(tiny_llama, tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask

@@ -7,11 +7,11 @@ Up to `MAX_LINES` layers get one line each (``sigma_i / sigma_1`` against ``i``)
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.io.checkpoint import atomic_write_bytes
 from lorakit.ops import AdapterReport
 
 MAX_LINES = 16
@@ -71,13 +71,10 @@ def write_spectra_png(report: AdapterReport, path: str | os.PathLike) -> Path:
     ax.set_title(f"{Path(report.source).name or 'adapter'}: {report.verdict}", fontsize=9)
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(out, png.getvalue())
     return out

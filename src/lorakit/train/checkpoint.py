@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import ConfigError, FormatError
+from lorakit.io.checkpoint import atomic_write_bytes, default_mode
 
 RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.pt"
@@ -52,27 +53,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(path: str | Path, directory: bool = False) -> None:
-    """Give a ``mkstemp``/``mkdtemp`` result (0600/0700) the permissions a plain ``open``/``mkdir`` would."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:

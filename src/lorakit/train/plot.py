@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
+
+from lorakit.io.checkpoint import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +57,10 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out = Path(out_path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        fig.savefig(png, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(out, png.getvalue())
     return out
