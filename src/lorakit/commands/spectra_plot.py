@@ -8,6 +8,7 @@ Up to `MAX_LINES` layers get one line each (``sigma_i / sigma_1`` against ``i``)
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from lorakit.errors import LorakitError
