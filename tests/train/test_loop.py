@@ -123,3 +123,21 @@ def test_lora_plus_gives_b_a_larger_learning_rate(pc_data, tmp_path):
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     f = lr_lambda("cosine", warmup=4, total=20)
     assert f(0) < f(3) <= 1.0 and math.isclose(f(4), 1.0) and f(19) < 0.02 and f(12) < f(8)
+
+
+def test_qlora_run_trains_adapters_over_a_4bit_base(pc_data, tmp_path):
+    from lorakit.quant import is_quantized
+
+    model = make_tiny_llama()
+    result = run_training({"data": str(pc_data), "output_dir": str(tmp_path / "q"), **FAST, "max_steps": 20,
+                           "logging_steps": 1, "target_modules": "all-linear", "quantize": "nf4"},
+                          model=model, tokenizer=make_char_tokenizer())  # fmt: skip
+    assert sum(is_quantized(m) for m in model.modules()) == 14  # 7 block linears x 2 layers
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "q" / "metrics.jsonl").read_text().splitlines())]
+    assert result.status == "completed" and sum(losses[-5:]) / 5 < 0.95 * losses[0]
+    assert (tmp_path / "q" / "adapter_model.safetensors").is_file()
+
+
+def test_unknown_quantization_is_refused_at_construction(pc_data, tmp_path):
+    with pytest.raises(ConfigError, match="quantize='int3'"):
+        train(pc_data, tmp_path / "x", quantize="int3")

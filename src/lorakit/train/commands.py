@@ -30,6 +30,7 @@ _HELP = {
     "precision": "auto: bf16 autocast where the hardware supports it (CUDA, AVX512-BF16/AMX CPUs), else fp32",
     "resume": "continue the run in --output-dir from its newest checkpoint",
     "overwrite": "replace the run in --output-dir",
+    "quantize": "nf4: QLoRA, the frozen base in 4-bit NF4 (pure PyTorch) under full-precision adapters",
     "skip_bad_lines": "skip (and count) JSONL lines that are not JSON or lack the needed keys",
 }
 _CHOICES = {"precision": ["auto", "bf16", "fp32"], "lr_scheduler": ["cosine", "linear", "constant"]}

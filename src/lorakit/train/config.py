@@ -54,6 +54,7 @@ class TrainConfig:
     skip_bad_lines: bool = False
     # runtime
     gradient_checkpointing: bool = False
+    quantize: str | None = None  # "nf4": QLoRA, a 4-bit frozen base under full-precision adapters
     precision: str = "auto"  # auto (bf16 autocast where supported) | bf16 | fp32
     num_threads: int | None = None
     save_steps: int = 50
@@ -98,6 +99,8 @@ class TrainConfig:
             problems.append(f"eval_ratio={self.eval_ratio!r} (expected 0 <= ratio < 1)")
         if self.lr_scheduler not in ("cosine", "linear", "constant"):
             problems.append(f"lr_scheduler={self.lr_scheduler!r} (expected cosine, linear or constant)")
+        if self.quantize not in (None, "nf4"):
+            problems.append(f"quantize={self.quantize!r} (expected nf4, or unset for a full-precision base)")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision={self.precision!r} (expected auto, bf16 or fp32)")
         if self.resume and self.overwrite:

@@ -144,6 +144,12 @@ def _run(cfg: TrainConfig, model, tokenizer) -> TrainResult:
     from lorakit import add_adapter, disabled, save_adapter
     from lorakit.state import adapter_state_dict, load_adapter_state_dict
 
+    if cfg.quantize:
+        from lorakit.quant import is_quantized, quantize, quantized_bytes
+
+        if not any(is_quantized(m) for m in model.modules()):  # a caller's model may come quantized already
+            quantize(model, cfg.quantize)
+        logger.info("quantized the frozen base to %s: %s", cfg.quantize, quantized_bytes(model))
     torch.manual_seed(cfg.seed)
     add_adapter(model, _lora_config(cfg, model), ADAPTER)
     if cfg.gradient_checkpointing:
