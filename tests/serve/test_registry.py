@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
-from serve_helpers import running_server
+from serve_helpers import running_server, slow_down
 
 import lorakit
 from lorakit import LoraConfig
@@ -39,6 +39,22 @@ def test_lru_cap_evicts_the_least_recently_used_adapter(tiny_serve_dir, adapters
         assert state.registry.resident() == ["a1", "a3"]
         assert _text(_complete(url, "a0")) == first  # reloaded on demand, same answer
         assert "lorakit_resident_adapters 2" in httpx.get(url + "/metrics").text
+
+
+def test_eviction_when_requests_finish_does_not_deadlock_the_scheduler(tiny_serve_dir, adapters_dir):
+    with running_server(tiny_serve_dir, adapters_dir, max_adapters=1, max_batch_size=4) as (url, state):
+        slow_down(state.model, 0.02)  # 30 tokens take > 0.6 s: both requests are in flight together
+        with ThreadPoolExecutor(2) as pool:
+            answers = [pool.submit(_complete, url, name, 30) for name in ("a0", "a1")]
+            deadline = time.monotonic() + 10
+            while len(state.registry.resident()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(state.registry.resident()) == 2  # over the cap while both are in use
+            assert all(a.result(timeout=20).status_code == 200 for a in answers)
+        # the releases ran on the scheduler thread and evicted down to the cap there, without waiting on itself
+        assert len(state.registry.resident()) == 1
+        assert _text(_complete(url, "a2"))
+        assert lorakit.list_adapters(state.model) == ["a2"]
 
 
 def test_adapters_dropped_into_the_folder_are_served_without_restart(tiny_serve_dir, fresh_adapters):

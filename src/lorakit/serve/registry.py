@@ -174,8 +174,8 @@ class AdapterRegistry:
                 if not self._pins.get(name):
                     del self._lru[name]
                     victims.append(name)
-        for name in victims:
-            self.run_on_model(lambda n=name: lorakit.delete_adapter(self.model, n)).result()
+        for name in victims:  # queued, not awaited: `release` runs on the scheduler thread, which must not wait
+            self.run_on_model(lambda n=name: lorakit.delete_adapter(self.model, n))
 
     # ---- runtime management -------------------------------------------------------------------------------
     def add(self, name: str, path: str | os.PathLike | None = None) -> None:
