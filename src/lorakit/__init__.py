@@ -72,6 +72,7 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_trainable",
+    "train",
     "trainable_parameters",
     "unload",
     "unmerge",
@@ -83,3 +84,12 @@ def load_model(name_or_path: str, **kwargs):
     from lorakit.models import load_model as _load
 
     return _load(name_or_path, **kwargs)
+
+
+def __getattr__(name: str):
+    """``lorakit.train(...)``: the training package, imported on first use (it is callable: `run_training`)."""
+    if name == "train":
+        import importlib
+
+        return importlib.import_module("lorakit.train")
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

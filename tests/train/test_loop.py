@@ -141,3 +141,11 @@ def test_qlora_run_trains_adapters_over_a_4bit_base(pc_data, tmp_path):
 def test_unknown_quantization_is_refused_at_construction(pc_data, tmp_path):
     with pytest.raises(ConfigError, match="quantize='int3'"):
         train(pc_data, tmp_path / "x", quantize="int3")
+
+
+def test_lorakit_train_is_the_python_face_of_the_cli(pc_data, tmp_path):
+    import lorakit
+
+    result = lorakit.train(data=str(pc_data), output_dir=str(tmp_path / "p"), max_steps=2, **FAST,
+                           model=make_tiny_llama(), tokenizer=make_char_tokenizer())  # fmt: skip
+    assert result.status == "completed" and (tmp_path / "p" / "adapter_config.json").is_file()
