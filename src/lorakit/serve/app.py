@@ -117,9 +117,8 @@ def create_app(state: ServeState):
     async def add_adapter(request: fastapi.Request):
         body = await _json_body(request)
         registry = _registry(state)
-        name, path = body.get("name") if isinstance(body, dict) else None, None
-        if isinstance(body, dict):
-            path = body.get("path")
+        body = body if isinstance(body, dict) else {}
+        name, path = body.get("name"), body.get("path")
         if not isinstance(name, str) or (path is not None and not isinstance(path, str)):
             raise ApiError(
                 400, 'send {"name": str, "path": str (optional: a folder of the adapters dir)}', param="name"

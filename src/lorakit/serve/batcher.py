@@ -166,7 +166,7 @@ class Batcher:
             )
         joined = BatchCache()
         joined.add(cache, pad)
-        alive = []
+        alive, rows = [], []
         for i, req in enumerate(group):
             if self.metrics:
                 self.metrics.prompt_tokens(len(req.prompt_ids))
@@ -174,10 +174,11 @@ class Batcher:
             row.pos = len(req.prompt_ids)
             if not self._emit(row, out.logits[i, -1]):
                 alive.append(i)
-                self._running.append(row)
-        if alive:
+                rows.append(row)
+        if alive:  # rows and cache rows join together, so they always line up
             joined.keep(alive)
             self._cache.add(joined.cache, joined.pad)
+            self._running.extend(rows)
 
     def _decode(self) -> None:
         rows = self._running
