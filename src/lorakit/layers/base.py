@@ -104,6 +104,7 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        self.__dict__.pop("_stack_cache", None)  # stacked copies of the factors, for routing
 
     def set_active(self, names: list[str]) -> None:
         """Activate exactly the adapters in ``names`` that this layer holds (their updates add)."""
@@ -156,9 +157,12 @@ class LoraLayer(nn.Module):
 
         Names come in first-appearance order. The plan depends only on the route: computed once per route.
         """
-        key = (id(self), "plan")
+        grad = torch.is_grad_enabled()
+        key = (id(self), "plan", grad)
         if key not in route.cache:
             names = [n for n in dict.fromkeys(route.rows) if n is not None and n in self.r]
+            if names and not grad:
+                names = list(self.r)  # inference: one stack of every adapter, shared by all routes
             slot = {n: i for i, n in enumerate(names)}
             idx = torch.tensor([slot.get(n, len(names)) for n in route.rows], device=device)  # (batch,)
             route.cache[key] = (names, idx) if names else None
@@ -182,16 +186,19 @@ class LoraLayer(nn.Module):
         """``A^T`` stacked to ``(k+1, in, R)`` and ``(scaling * B)^T`` to ``(k+1, R, out)``; the last slot is zero.
 
         Ranks differ between adapters: each factor is zero-padded to the largest rank R, which adds exact zeros
-        (``B A`` is unchanged). Without autograd the stacks are cached on the route for later decode steps.
+        (``B A`` is unchanged). Without autograd the stacks are kept on the layer until an adapter is added,
+        removed or changed (tensor version counters tell), so new routes (e.g. a request joining a served
+        batch) reuse them.
         """
-        key = (id(self), "stack")
         cache = cache and not torch.is_grad_enabled()
-        if cache and key in route.cache:
-            return route.cache[key]
+        factors = [self.factors(n) for n in names]
+        key = (tuple(names), tuple((id(t), t._version) for pair in factors for t in pair))
+        cached = self.__dict__.get("_stack_cache")
+        if cache and cached is not None and cached[0] == key:
+            return cached[1]
         rank = max(self.r[n] for n in names)
         a_list, b_list = [], []
-        for n in names:
-            a, b = self.factors(n)
+        for n, (a, b) in zip(names, factors):
             a_list.append(F.pad(a, (0, 0, 0, rank - self.r[n])).T)  # (in, R)
             b_list.append(F.pad(b * self.scaling[n], (0, rank - self.r[n])).T)  # (R, out)
         stacks = (
@@ -199,7 +206,7 @@ class LoraLayer(nn.Module):
             torch.stack([*b_list, torch.zeros_like(b_list[0])]),  # (k+1, R, out)
         )
         if cache:
-            route.cache[key] = stacks
+            self.__dict__["_stack_cache"] = (key, stacks)
         return stacks
 
     def row_factors(self, names: list[str], idx: Tensor, route: Route) -> tuple[Tensor, Tensor]:
@@ -213,7 +220,7 @@ class LoraLayer(nn.Module):
         cache = not torch.is_grad_enabled()
         if cache and key in route.cache:
             return route.cache[key]
-        a_stack, b_stack = self.stacked_factors(names, route, cache=False)
+        a_stack, b_stack = self.stacked_factors(names, route)
         rows = idx.numel()
         if len(names) == rows and torch.equal(idx, torch.arange(rows, device=idx.device)):
             result = a_stack[:rows], b_stack[:rows]
