@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama as make_tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -48,15 +49,4 @@ def default_model(default_model_dir: Path):
 @pytest.fixture
 def tiny_llama():
     """A tiny random LlamaForCausalLM (seeded, eval mode) for fast CPU tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_llama()

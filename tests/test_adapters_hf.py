@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
 
 import lorakit
@@ -18,19 +19,6 @@ transformers = pytest.importorskip("transformers")
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:

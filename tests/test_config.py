@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-import torch
+from tiny_models import tiny_llama as _tiny_llama
 
 from lorakit import ConfigError, FormatError, LoraConfig
 
@@ -193,21 +193,6 @@ def test_rank_and_alpha_patterns_override_per_module_suffix():
     assert config.scaling_for("model.layers.0.self_attn.v_proj") == 4.0  # 16 / 4
     # A suffix, not a substring: "proj" is not a dotted suffix of "q_proj".
     assert LoraConfig(r=8, rank_pattern={"proj": 2}).rank_for("model.q_proj") == 8
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
@@ -15,29 +16,6 @@ from lorakit.inject import matches
 from lorakit.layers import LoraLayer, ModulesToSave, iter_lora_layers
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
 
 
 def peft_targets(model: nn.Module, **kwargs) -> list[str]:

@@ -6,7 +6,7 @@ import json
 import string
 from pathlib import Path
 
-import torch
+from tiny_models import tiny_llama
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -34,19 +34,7 @@ def make_char_tokenizer():
 
 
 def make_tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, max_position_embeddings=256)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
