@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.train.commands import parse_target_modules
 
 
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +22,6 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exclude-modules", default=None, help="comma-separated module names never adapted")
 
 
-def parse_modules(text: str | None) -> str | list[str] | None:
-    """``"q_proj,v_proj"`` -> list; ``"all-linear"`` or anything with regex characters -> the string itself."""
-    if text is None or text == ALL_LINEAR or any(c in text for c in "*()[]|\\^$+?"):
-        return text
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def lora_config_from_args(args: argparse.Namespace, **extra) -> LoraConfig:
     """A `LoraConfig` from the flags of `add_lora_args`."""
     alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.r
@@ -35,7 +29,7 @@ def lora_config_from_args(args: argparse.Namespace, **extra) -> LoraConfig:
         r=args.r,
         lora_alpha=alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=parse_modules(args.target_modules),
-        exclude_modules=parse_modules(args.exclude_modules),
+        target_modules=parse_target_modules(None if args.target_modules is None else [args.target_modules]),
+        exclude_modules=parse_target_modules(None if args.exclude_modules is None else [args.exclude_modules]),
         **extra,
     )

@@ -62,7 +62,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
 
 
-def _targets(values: list[str] | None) -> Any:
+def parse_target_modules(values: list[str] | None) -> Any:
     """``all-linear`` or a regex stays a string; names (space- or comma-separated) become a list."""
     if values is None:
         return None
@@ -74,7 +74,7 @@ def _targets(values: list[str] | None) -> Any:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < ``--config`` YAML < flags that were given."""
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
-    overrides["target_modules"] = _targets(overrides["target_modules"])
+    overrides["target_modules"] = parse_target_modules(overrides["target_modules"])
     return build_config(getattr(args, "config", None), **overrides)
 
 
