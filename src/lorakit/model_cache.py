@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import FormatError
+from lorakit.io.checkpoint import replace_dir
 
 MARKER = "lorakit_cache.json"
 FORMAT = 1
@@ -105,7 +106,7 @@ def build_if_needed(
             tokenizer.save_pretrained(tmp)
             _check_reload(model, tmp)
             _write_marker(tmp, gguf_path)
-            _swap_into_place(tmp, target)
+            replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
     return True
@@ -166,17 +167,6 @@ def _write_marker(folder: Path, gguf_path: Path) -> None:
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Renames the complete folder ``tmp`` to ``target``, moving an invalid old ``target`` aside first."""
-    trash = None
-    if target.exists():
-        trash = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.rename(target, trash)
-    os.rename(tmp, target)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from lorakit.commands.qmerge import add_quant_args, check_quant_args, merge_quantized_model
 from lorakit.errors import FormatError
+from lorakit.io.checkpoint import replace_dir
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -59,9 +60,7 @@ def _write(model, tokenizer, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

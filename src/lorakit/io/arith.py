@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, _is_int
 from lorakit.errors import ConfigError, IncompatibleAdapterError
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
 from lorakit.ops import ALIASES, DENSITY_METHODS, METHODS, AdapterReport, LayerResize, diagnose
@@ -113,10 +113,6 @@ def _check_combine_args(adapters, weights, method, rank, density, majority_sign)
         problems.append(f"majority_sign={majority_sign!r} must be one of {MAJORITY_SIGNS}")
     if problems:
         raise ConfigError("cannot combine: " + "; ".join(problems) + ".")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:

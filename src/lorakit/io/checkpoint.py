@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,22 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the complete folder ``tmp`` to ``target``; an old ``target`` is moved aside first, removed after.
+
+    A crash leaves either the old folder (possibly under a hidden ``.<name>.old-*`` name) or the new one in
+    place, never a half-written one.
+    """
+    tmp, target = Path(tmp), Path(target)
+    trash = None
+    if target.exists():
+        trash = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.rename(target, trash)
+    os.rename(tmp, target)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -13,7 +13,6 @@ any moment leaves either a whole checkpoint or none.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import ConfigError, FormatError
-from lorakit.io.checkpoint import atomic_write_bytes, default_mode
+from lorakit.io.checkpoint import atomic_write_bytes, default_mode, replace_dir
 
 RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.pt"
@@ -87,9 +86,7 @@ def save_checkpoint(output_dir: Path, step: int, save_adapter_fn, state: dict[st
         torch.save(state, tmp / STATE_FILE)
         summary = {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool)) or v is None}
         (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
