@@ -38,17 +38,21 @@ def _split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "olmo", "olmo2", "smollm3"})
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+def causal_lm_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean", split_head: bool = True
+) -> torch.Tensor:
     """Next-token cross-entropy over the positions whose (shifted) label is not ``IGNORE_INDEX``.
 
     Args:
         model: A Hugging Face causal LM (possibly LoRA-wrapped).
         batch: ``input_ids``, ``attention_mask``, ``labels``, each (batch, seq).
         reduction: ``"mean"`` over learned tokens or ``"sum"``.
+        split_head: Run the decoder and the head separately when that is exact (see the module docstring);
+            False always calls ``model(...)`` (FSDP needs its root module's forward to run).
     """
     labels = batch["labels"][:, 1:]  # (batch, seq-1): token t predicts label t+1
     keep = labels != IGNORE_INDEX
-    parts = _split_head(model)
+    parts = _split_head(model) if split_head else None
     if parts is not None:
         decoder, head = parts
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
