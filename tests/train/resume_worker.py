@@ -29,10 +29,10 @@ def main() -> None:
     if a.slow_after is not None:
         real = loop_mod.Trainer._step
 
-        def slow_step(self, stream):
+        def slow_step(self, stream, *args):
             if self.state.step >= a.slow_after:
                 time.sleep(0.5)  # the parent kills the process somewhere in here
-            return real(self, stream)
+            return real(self, stream, *args)
 
         loop_mod.Trainer._step = slow_step
     run_training({"data": a.data, "output_dir": a.out, "resume": a.resume, **RESUME_SETTINGS},

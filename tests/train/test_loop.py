@@ -78,9 +78,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(pc_data, tmp_path, monkey
     real = loop_mod.causal_lm_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, reduction="mean"):
+    def poisoned(model, batch, reduction="mean", **kwargs):
         calls["n"] += 1
-        loss = real(model, batch, reduction)
+        loss = real(model, batch, reduction, **kwargs)
         return loss * float("nan") if calls["n"] > 5 else loss
 
     monkeypatch.setattr(loop_mod, "causal_lm_loss", poisoned)

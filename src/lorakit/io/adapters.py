@@ -19,23 +19,31 @@ from lorakit.layers import LoraEmbedding, ModulesToSave, iter_lora_layers
 from lorakit.state import adapter_state_dict, load_adapter_state_dict
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | Sequence[str] | None = "default") -> None:
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | Sequence[str] | None = "default",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write adapter ``name`` to the folder ``path`` in PEFT's format, atomically (file by file).
 
     Several names (or None for all) use PEFT's layout: "default" in ``path`` itself, the others in
-    ``path/<name>/``.
+    ``path/<name>/``. ``state_dict`` (one name only) writes those tensors, keyed as `adapter_state_dict` keys
+    them, instead of the model's live ones: e.g. an adapter gathered from FSDP shards.
     """
     if isinstance(name, str):
-        _save_one(model, Path(path), name)
+        _save_one(model, Path(path), name, state_dict)
         return
+    if state_dict is not None:
+        raise ValueError("save_adapter(state_dict=...) writes one adapter; pass a single name.")
     names = list_adapters(model) if name is None else list(name)
     for n in names:
         _save_one(model, Path(path) if n == "default" else Path(path) / n, n)
 
 
-def _save_one(model: nn.Module, path: Path, name: str) -> None:
+def _save_one(model: nn.Module, path: Path, name: str, state: dict[str, torch.Tensor] | None = None) -> None:
     config = get_config(model, name)
-    tensors = to_peft_state(adapter_state_dict(model, name, config.bias), name)
+    tensors = to_peft_state(adapter_state_dict(model, name, config.bias) if state is None else state, name)
     write_adapter_dir(path, dataclasses.replace(config, inference_mode=True).to_dict(), tensors)
 
 

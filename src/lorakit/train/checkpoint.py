@@ -30,7 +30,8 @@ PREFIX = "checkpoint-"
 # Fields that may change between a run and its resumption; every other TrainConfig field defines the run.
 RUNTIME_FIELDS = frozenset({
     "resume", "overwrite", "progress", "num_threads", "save_steps", "save_total_limit", "logging_steps",
-    "eval_steps", "eval_generate", "eval_batch_size", "max_new_tokens", "skip_bad_lines", "precision",
+    "eval_steps", "eval_generate", "eval_batch_size", "max_new_tokens", "skip_bad_lines", "precision", "fsdp",
+    "dist_timeout",
 })  # fmt: skip
 # Files a run writes at the top of its output directory (removed by --overwrite).
 RUN_OUTPUTS = ("run.json", "metrics.jsonl", "loss.png", "adapter_config.json", "adapter_model.safetensors",

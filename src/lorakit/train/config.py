@@ -38,7 +38,8 @@ class TrainConfig:
     learning_rate: float = 2e-3
     loraplus_lr_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A
     weight_decay: float = 0.0
-    batch_size: int = 8
+    batch_size: int = 8  # rows per micro-batch per process
+    global_batch_size: int | None = None  # rows per optimizer step over all processes; sets batch_size from it
     gradient_accumulation_steps: int = 1
     num_epochs: float = 3.0
     max_steps: int | None = None  # overrides num_epochs
@@ -67,6 +68,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    # multi-process (torchrun); ignored in a single process
+    fsdp: bool = False  # FSDP2: shard the frozen base and the adapter across processes (default: replicate)
+    dist_timeout: int = 600  # seconds a collective may wait for another process before the run fails
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -77,11 +81,11 @@ class TrainConfig:
             if not _is_number(value) or not math.isfinite(value) or value <= 0:
                 problems.append(f"{name}={value!r} (expected a positive number)")
         for name in ("r", "batch_size", "gradient_accumulation_steps", "max_length", "save_steps", "logging_steps",
-                     "eval_batch_size", "save_total_limit"):  # fmt: skip
+                     "eval_batch_size", "save_total_limit", "dist_timeout"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name}={value!r} (expected a positive integer)")
-        for name in ("max_steps", "eval_steps", "max_new_tokens", "num_threads"):
+        for name in ("max_steps", "eval_steps", "max_new_tokens", "num_threads", "global_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 problems.append(f"{name}={value!r} (expected a positive integer or unset)")
@@ -139,6 +143,7 @@ _NUMERIC = frozenset({
     "eval_ratio", "r", "lora_alpha", "lora_dropout", "learning_rate", "loraplus_lr_ratio", "weight_decay", "batch_size",
     "gradient_accumulation_steps", "num_epochs", "max_steps", "warmup_ratio", "max_grad_norm", "seed", "max_length",
     "num_threads", "save_steps", "save_total_limit", "eval_steps", "logging_steps", "eval_batch_size", "max_new_tokens",
+    "global_batch_size", "dist_timeout",
 })  # fmt: skip
 
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from lorakit.train import distributed as dist
 from lorakit.train.collate import collate, count_label_tokens
-from lorakit.train.data import Example, Row, display_prompt, prompt_text
+from lorakit.train.data import IGNORE_INDEX, Example, Row, display_prompt, prompt_text
+from lorakit.train.distributed import Dist
 from lorakit.train.loss import causal_lm_loss
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -80,10 +82,12 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 16,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    synced: bool = False,
 ) -> list[str]:
     """Greedy completions of ``prompts`` (rendered text, templates already applied), in order.
 
-    Prompts are sorted by length before batching so rows of a batch need little padding.
+    Prompts are sorted by length before batching so rows of a batch need little padding. ``synced`` keeps
+    stepping until every process is done (FSDP: each forward is a collective).
     """
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -104,7 +108,7 @@ def generate(
             with autocast():
                 gen = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    do_sample=False, eos_token_id=stops, pad_token_id=pad_id, use_cache=True,
+                    do_sample=False, eos_token_id=stops, pad_token_id=pad_id, use_cache=True, synced_gpus=synced,
                 )  # fmt: skip
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[row, n:], skip_special_tokens=True).strip()
@@ -121,6 +125,7 @@ def generation_eval(
     max_new_tokens: int | None = None,
     batch_size: int = 16,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    d: Dist | None = None,
 ) -> GenerationResult:
     """Generate for every prompt/completion (or conversation) row and score against its reference.
 
@@ -132,6 +137,8 @@ def generation_eval(
         max_new_tokens: Default: the longest reference in tokens plus 16.
         batch_size: Prompts per ``generate`` call.
         autocast: Mixed-precision context factory.
+        d: In a multi-process run each process generates for its share of the rows; every process gets the
+            scores of all of them.
 
     Raises:
         DataError: A row without a completion to compare against.
@@ -140,7 +147,12 @@ def generation_eval(
     prompts, refs = [p for p, _ in pairs], [c for _, c in pairs]
     if max_new_tokens is None:
         max_new_tokens = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in refs) + 16
-    preds = generate(model, tokenizer, prompts, max_new_tokens, batch_size, autocast)
+    if d is not None and d.enabled:
+        mine, real = dist.padded_shard(prompts, d)
+        local = generate(model, tokenizer, mine, max_new_tokens, batch_size, autocast, synced=d.fsdp)[:real]
+        preds = [p for part in dist.gather_objects(d, local, "gathering eval generations") for p in part]
+    else:
+        preds = generate(model, tokenizer, prompts, max_new_tokens, batch_size, autocast)
     em = sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(refs)
     nm = sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
     return GenerationResult(em, nm, len(refs), preds, refs, prompts)
@@ -153,8 +165,17 @@ def eval_loss(
     pad_id: int,
     batch_size: int = 16,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    d: Dist | None = None,
 ) -> float:
-    """Mean cross-entropy per learned token over ``examples``."""
+    """Mean cross-entropy per learned token over ``examples`` (in a multi-process run: over every process's share).
+
+    Every process runs the same number of batches (shares are padded with label-free rows) so FSDP's per-forward
+    collectives stay in step.
+    """
+    d = d or Dist()
+    if d.enabled:
+        mine, real = dist.padded_shard(examples, d)
+        examples = mine[:real] + [Example(e.input_ids, [IGNORE_INDEX] * len(e)) for e in mine[real:]]
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
@@ -164,11 +185,12 @@ def eval_loss(
         for idx in _batches(order, batch_size):
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with autocast():
-                loss_sum = causal_lm_loss(model, batch, reduction="sum")
+                loss_sum = causal_lm_loss(model, batch, reduction="sum", split_head=not d.fsdp)
             total += float(loss_sum)
             count += count_label_tokens(batch)
     finally:
         model.train(was_training)
+    total, count = dist.all_sum(d, [total, count], "gathering the eval loss")
     return total / max(count, 1)
 
 

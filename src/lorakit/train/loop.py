@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed as dist
 from lorakit.train.collate import batch_order, collate, count_label_tokens
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import Example
+from lorakit.train.data import IGNORE_INDEX, Example
+from lorakit.train.distributed import Dist, DistributedError
 from lorakit.train.loss import causal_lm_loss
 
 logger = logging.getLogger(__name__)
@@ -105,28 +107,32 @@ class Trainer:
         config: The run's settings.
         output_dir: Where checkpoints and ``metrics.jsonl`` go.
         pad_id: Padding token id.
-        save_adapter_fn: Writes the adapter in PEFT format into a given folder.
-        get_state / set_state: Read / restore the adapter tensors (exact, for resume).
+        write_adapter_fn: Writes a (gathered) adapter state, as ``get_state`` returns it, in PEFT format into a
+            folder.
+        get_state / set_state: Read (detached full copies; collective under FSDP) / restore the adapter tensors.
         autocast: Context manager factory for mixed precision.
         eval_fn: Called at ``eval_steps``; returns the eval loss.
         on_first_backward: Called after the first backward of this process (the pre-flight gradient check).
+        dist: This process's place in a multi-process run (default: a single process); see `distributed`.
     """
 
     def __init__(self, model, examples: list[Example], config: TrainConfig, output_dir: Path, pad_id: int,
-                 save_adapter_fn: Callable[[Path], None], get_state: Callable[[], dict],
+                 write_adapter_fn: Callable[[Path, dict], None], get_state: Callable[[], dict],
                  set_state: Callable[[dict], None], autocast: Callable[[], AbstractContextManager] = nullcontext,
-                 eval_fn: Callable[[], float] | None = None,
-                 on_first_backward: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 eval_fn: Callable[[], float] | None = None, on_first_backward: Callable[[], None] | None = None,
+                 dist: Dist | None = None) -> None:  # fmt: skip
         self.model, self.examples, self.config, self.output_dir = model, examples, config, output_dir
-        self.pad_id, self.save_adapter_fn, self.get_state, self.set_state = (
+        self.pad_id, self.write_adapter_fn, self.get_state, self.set_state = (
             pad_id,
-            save_adapter_fn,
+            write_adapter_fn,
             get_state,
             set_state,
         )
         self.autocast, self.eval_fn, self.on_first_backward = autocast, eval_fn, on_first_backward
+        self.dist = dist or Dist()
         self.lengths = [len(e) for e in examples]
-        batches = math.ceil(len(examples) / config.batch_size)
+        self.global_batch = config.batch_size * self.dist.world_size  # rows of one micro-batch over all processes
+        batches = math.ceil(len(examples) / self.global_batch)
         self.steps_per_epoch = max(1, math.ceil(batches / config.gradient_accumulation_steps))
         self.total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
         self.optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.learning_rate,
@@ -145,7 +151,7 @@ class Trainer:
     def _micro_batches(self) -> Iterator[list[int]]:
         """Endless batches from the current position; advances ``self.state`` as it yields."""
         while True:
-            order = batch_order(self.lengths, self.config.batch_size, self.config.seed, self.state.epoch,
+            order = batch_order(self.lengths, self.global_batch, self.config.seed, self.state.epoch,
                                 self.config.group_by_length)  # fmt: skip
             while self.state.batch_in_epoch < len(order):
                 idx = order[self.state.batch_in_epoch]
@@ -156,25 +162,63 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> Path:
-        state = {
-            "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
-            "total_steps": self.total_steps, "loss": self.last_loss, "train_seconds": self.train_seconds,
-            "tokens_seen": self.tokens_seen, "adapter": {k: v.detach().clone() for k, v in self.get_state().items()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
-        }  # fmt: skip
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.output_dir, self.state.step, self.save_adapter_fn, state, self.config.save_total_limit
-        )
+        """Write ``checkpoint-<step>`` (rank 0 writes; every rank takes part in gathering and returns its path)."""
+        d = self.dist
+        adapter = self.get_state()
+        optimizer = self._optimizer_state()
+        rngs = dist.gather_objects(d, ckpt.rng_state(), "gathering RNG states for a checkpoint")
+        path = None
+        if d.is_main:
+            state = {
+                "step": self.state.step, "epoch": self.state.epoch, "batch_in_epoch": self.state.batch_in_epoch,
+                "total_steps": self.total_steps, "loss": self.last_loss, "train_seconds": self.train_seconds,
+                "tokens_seen": self.tokens_seen, "world_size": d.world_size, "fsdp": d.fsdp, "adapter": adapter,
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+            }  # fmt: skip
+            path = ckpt.save_checkpoint(self.output_dir, self.state.step, lambda p: self.write_adapter_fn(p, adapter),
+                                        state, self.config.save_total_limit)  # fmt: skip
+        self.last_checkpoint = Path(dist.broadcast_object(d, str(path) if path else None, "writing a checkpoint"))
         return self.last_checkpoint
 
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.dist.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if not self.dist.fsdp:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state, options=options)
+
     def resume(self) -> int:
-        """Restore the newest checkpoint; returns its step."""
-        step, path = ckpt.list_checkpoints(self.output_dir)[-1]
-        s = ckpt.load_checkpoint_state(path)
+        """Restore the newest checkpoint (rank 0 reads it and shares it); returns its step."""
+        d = self.dist
+
+        def read() -> tuple[Path, dict[str, Any]]:
+            path = ckpt.list_checkpoints(self.output_dir)[-1][1]
+            return path, ckpt.load_checkpoint_state(path)
+
+        path, s = dist.on_main(d, read, "reading the checkpoint to resume")
+        step = s["step"]
+        written = (s.get("world_size", 1), bool(s.get("fsdp", False)))
+        if written != (d.world_size, d.fsdp):
+            how = f"{written[0]} process{'es' if written[0] > 1 else ''}" + (" with --fsdp" if written[1] else "")
+            raise ConfigError(
+                f"--resume: checkpoint {str(path)!r} was written by {how}, but this run has {d.world_size}"
+                + (" with --fsdp" if d.fsdp else "")
+                + "; resume with the same launcher settings (torchrun --nproc-per-node and --fsdp) as the run."
+            )
         self.set_state(s["adapter"])
-        self.optimizer.load_state_dict(s["optimizer"])
+        self._load_optimizer_state(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
-        ckpt.set_rng_state(s["rng"])
+        ckpt.set_rng_state(s.get("rng_ranks", [s["rng"]])[d.rank])
         self.state = LoopState(s["step"], s["epoch"], s["batch_in_epoch"])
         self.last_loss, self.train_seconds = s.get("loss"), s.get("train_seconds", 0.0)
         self.tokens_seen = s.get("tokens_seen", 0)
@@ -183,23 +227,54 @@ class Trainer:
         return step
 
     # --- one step ----------------------------------------------------------------------------------------
-    def _step(self, stream: Iterator[list[int]]) -> tuple[float, int]:
-        """One optimizer step; returns (mean loss per learned token, tokens processed). NaN is not stepped."""
-        batches = [collate([self.examples[i] for i in next(stream)], self.pad_id)
-                   for _ in range(self.config.gradient_accumulation_steps)]  # fmt: skip
+    def _local_batch(self, idx: list[int]) -> tuple[dict[str, torch.Tensor], int]:
+        """This process's rows of a global micro-batch, collated, and their token count.
+
+        A process whose slice is empty (a short last batch) runs one row with every label ignored: it adds nothing
+        to the loss or the gradients but keeps the processes' collectives in step (FSDP gathers in every forward).
+        """
+        mine, _ = dist.shard(idx, self.dist)
+        if mine:
+            batch = collate([self.examples[i] for i in mine], self.pad_id)
+            return batch, int(batch["attention_mask"].sum())
+        e = self.examples[idx[0]]
+        return collate([Example(e.input_ids, [IGNORE_INDEX] * len(e))], self.pad_id), 0
+
+    def _step(self, stream: Iterator[list[int]], stop: Callable[[], bool] = lambda: False) -> tuple[float, int, bool]:
+        """One optimizer step: (mean loss per learned token, tokens processed, stop requested on any process).
+
+        A NaN/inf loss or gradient is not stepped (the loss returned is NaN on every process).
+        """
+        d = self.dist
+        batches = [self._local_batch(next(stream)) for _ in range(self.config.gradient_accumulation_steps)]
         device = next(p for p in self.model.parameters() if p.requires_grad).device
-        n_learned = max(1, sum(count_label_tokens(b) for b in batches))
+        n_learned = sum(count_label_tokens(b) for b, _ in batches)
+        if d.enabled:
+            n_learned = int(dist.all_sum(d, [n_learned], "counting the step's learned tokens")[0])
+        # Each process's summed loss over the global token count: gradients summed over processes are the mean.
+        # FSDP averages in its reduce-scatter, so its backward runs on the loss scaled up by the world size.
+        grad_scale = d.world_size if d.fsdp else 1
         total, tokens = 0.0, 0
-        for b in batches:
+        for b, n_tokens in batches:
             b = {k: v.to(device) for k, v in b.items()}
             with self.autocast():
-                loss = causal_lm_loss(self.model, b, reduction="sum") / n_learned
-            if not torch.isfinite(loss):
+                loss = causal_lm_loss(self.model, b, reduction="sum", split_head=not d.fsdp) / max(1, n_learned)
+            if not d.enabled and not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
-                return float("nan"), tokens
-            loss.backward()
+                return float("nan"), tokens, stop()
+            (loss * grad_scale).backward()
             total += float(loss.detach())
-            tokens += int(b["attention_mask"].sum())
+            tokens += n_tokens
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        requested = stop()
+        if d.enabled:
+            if not d.fsdp:
+                dist.reduce_gradients(d, params)
+            total, summed_tokens, stops = dist.all_sum(d, [total, tokens, float(requested)])
+            tokens, requested = int(summed_tokens), stops > 0
+            if not math.isfinite(total):
+                self.optimizer.zero_grad(set_to_none=True)
+                return float("nan"), tokens, requested
         if self.on_first_backward is not None:
             self.on_first_backward()
             self.on_first_backward = None
@@ -208,13 +283,15 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             if not torch.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                return float("nan"), tokens
+                return float("nan"), tokens, requested
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, tokens
+        return total, tokens, requested
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -223,19 +300,35 @@ class Trainer:
 
         Raises:
             TrainingStopped: The loss or gradient became NaN/inf; the adapter is left at the last good step.
+            DistributedError: Another process died or stalled (multi-process runs); names the last checkpoint.
         """
+        try:
+            return self._train()
+        except DistributedError as e:
+            raise DistributedError(f"{e}. {self._where_to_resume()}") from e
+        except RuntimeError as e:
+            if self.dist.enabled and dist.is_collective_failure(e):  # raised inside FSDP's own collectives
+                raise DistributedError(f"{dist.lost_contact(self.dist, 'training', e)}. {self._where_to_resume()}") from e
+            raise
+
+    def _where_to_resume(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint had been written yet"
+        return f"The last checkpoint is {self.last_checkpoint}; rerun the same command with --resume to continue"
+
+    def _train(self) -> str:
         from tqdm.auto import tqdm
 
         self.model.train()
         stream = self._micro_batches()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.config.progress,
-                   desc="train", dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not (self.config.progress and
+                   self.dist.is_main), desc="train", dynamic_ncols=True)  # fmt: skip
         window_tokens, window_start = 0, time.perf_counter()
         try:
             with StopFlag() as stop:
                 while self.state.step < self.total_steps:
                     t0 = time.perf_counter()
-                    loss, tokens = self._step(stream)
+                    loss, tokens, stop_agreed = self._step(stream, lambda: stop.requested)
                     self.train_seconds += time.perf_counter() - t0
                     if math.isnan(loss):
                         raise TrainingStopped(self._nan_message())
@@ -253,10 +346,12 @@ class Trainer:
                                    "train_seconds": round(self.train_seconds, 2)})  # fmt: skip
                         window_tokens, window_start = 0, time.perf_counter()
                     if self.eval_fn and self.config.eval_steps and step % self.config.eval_steps == 0:
-                        self._log({"step": step, "eval_loss": self.eval_fn()})
-                    if step % self.config.save_steps == 0 or step == self.total_steps or stop.requested:
+                        self._log({"step": step, "eval_loss": self.eval_fn()})  # every process evaluates its shard
+                    # processes must agree on stopping; a single one may also act on a Ctrl-C that came after
+                    stop_requested = stop_agreed if self.dist.enabled else stop.requested
+                    if step % self.config.save_steps == 0 or step == self.total_steps or stop_requested:
                         self.save()
-                    if stop.requested and step < self.total_steps:
+                    if stop_requested and step < self.total_steps:
                         return "interrupted"
         finally:
             bar.close()

@@ -83,6 +83,8 @@ def check_gradients(model: torch.nn.Module, name: str) -> None:
             continue
         total += 1
         grad = layer.lora_B[name].weight.grad
+        if grad is not None and hasattr(grad, "full_tensor"):  # an FSDP2 shard: every rank gathers it
+            grad = grad.full_tensor()
         if grad is None:
             missing.append(path)
         elif not bool(torch.isfinite(grad).all()) or float(grad.abs().sum()) == 0.0:

@@ -7,6 +7,7 @@ the adapter, evaluate it, plot the loss and return a `TrainResult`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
+from lorakit.errors import ConfigError
 from lorakit.train import checkpoint as ckpt
+from lorakit.train import distributed as dist
 from lorakit.train import preflight
 from lorakit.train.config import TrainConfig, build_config
 from lorakit.train.data import display_prompt, read_jsonl, split_train_eval, tokenize_rows
@@ -73,26 +76,55 @@ def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.config.use_cache = False
 
 
-def _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast) -> dict[str, Any]:
+def _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d: dist.Dist) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if eval_examples:
-        out["eval_loss"] = eval_loss(model, eval_examples, pad_id, cfg.eval_batch_size, autocast)
+        out["eval_loss"] = eval_loss(model, eval_examples, pad_id, cfg.eval_batch_size, autocast, d)
     gen_rows = [r for r in eval_rows if r.format != "text"]
     if cfg.eval_generate and eval_rows and not gen_rows:
         logger.info("generation eval skipped: the eval rows are 'text' rows with no completion to compare against")
     if cfg.eval_generate and gen_rows:
         g = generation_eval(model, tokenizer, gen_rows, cfg.chat_template, cfg.max_new_tokens, cfg.eval_batch_size,
-                            autocast)  # fmt: skip
+                            autocast, d)  # fmt: skip
         out.update(g.summary())
         out["samples"] = [{"prompt": display_prompt(row), "reference": r, "prediction": x}
                           for row, r, x in list(zip(gen_rows, g.references, g.predictions))[:3]]  # fmt: skip
     return out
 
 
-def _eval_loss_fn(model, examples, pad_id, batch_size, autocast):
+def _eval_loss_fn(model, examples, pad_id, batch_size, autocast, d: dist.Dist):
     if not examples:
         return None
-    return lambda: eval_loss(model, examples, pad_id, batch_size, autocast)
+    return lambda: eval_loss(model, examples, pad_id, batch_size, autocast, d)
+
+
+def _per_process_batch(cfg: TrainConfig, d: dist.Dist) -> TrainConfig:
+    """``global_batch_size`` -> rows per micro-batch per process; it must divide evenly."""
+    if cfg.global_batch_size is None:
+        return cfg
+    share = d.world_size * cfg.gradient_accumulation_steps
+    if cfg.global_batch_size % share:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not divisible by {d.world_size} processes x "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} = {share}; use a multiple of {share}, "
+            "or set --batch-size (rows per process per micro-batch) instead."
+        )
+    return dataclasses.replace(cfg, batch_size=cfg.global_batch_size // share)
+
+
+def _load_base(cfg: TrainConfig, d: dist.Dist):
+    """Load the base model; with several processes per machine, local rank 0 first (it fills the model cache)."""
+    from lorakit.models import resolve_model_source
+
+    resolve_model_source(cfg.model)  # a bad name fails on every process alike, before anyone waits
+    if d.enabled and d.local_rank != 0:
+        dist.barrier(d, "waiting for local rank 0 to load the model")
+    model, tokenizer = _load_model(cfg.model)
+    if d.enabled and d.local_rank == 0:
+        dist.barrier(d, "waiting for the other processes to load the model")
+    if d.device.type != "cpu":
+        model = model.to(d.device)
+    return model, tokenizer
 
 
 def run_training(config: TrainConfig | dict | str | None = None, *, model=None, tokenizer=None,
@@ -124,25 +156,42 @@ def run_training(config: TrainConfig | dict | str | None = None, *, model=None, 
     try:
         if model is None or next(model.parameters()).device.type == "cpu":
             choose_threads(cfg.num_threads)
-        return _run(cfg, model, tokenizer)
+        d = dist.setup("fsdp" if cfg.fsdp else "ddp", cfg.dist_timeout)
+        quiet = logging.getLogger("lorakit")
+        level = quiet.level
+        try:
+            if not d.is_main:  # one process reports: rank 0
+                quiet.setLevel(logging.WARNING)
+            return _run(cfg, model, tokenizer, d)
+        finally:
+            quiet.setLevel(level)
+            dist.teardown(d)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: TrainConfig, model, tokenizer) -> TrainResult:
+def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
+    if model is not None and tokenizer is None:
+        raise ValueError("run_training(model=...) also needs tokenizer=...")
+    run_cfg = _per_process_batch(cfg, d)
     rows = read_jsonl(cfg.data, cfg.skip_bad_lines)
     if cfg.eval_data:
         eval_rows = read_jsonl(cfg.eval_data, cfg.skip_bad_lines)
     else:
         rows, eval_rows = split_train_eval(rows, cfg.eval_ratio, cfg.seed)
-    out = ckpt.prepare_output_dir(cfg.output_dir, cfg.to_dict(), cfg.resume, cfg.overwrite)
-
+    out = dist.on_main(
+        d, lambda: ckpt.prepare_output_dir(cfg.output_dir, cfg.to_dict(), cfg.resume, cfg.overwrite),
+        "checking the output directory",
+    )  # fmt: skip
+    if d.enabled:
+        logger.info("%d processes (%s, %s): global batch %d = %d per process x %d accumulation x %d", d.world_size,
+                    "FSDP2" if d.fsdp else "replicated", "nccl" if torch.cuda.is_available() else "gloo",
+                    run_cfg.batch_size * run_cfg.gradient_accumulation_steps * d.world_size, run_cfg.batch_size,
+                    run_cfg.gradient_accumulation_steps, d.world_size)  # fmt: skip
     if model is None:
-        model, tokenizer = _load_model(cfg.model)
-    elif tokenizer is None:
-        raise ValueError("run_training(model=...) also needs tokenizer=...")
+        model, tokenizer = _load_base(cfg, d)
     from lorakit import add_adapter, disabled, save_adapter
-    from lorakit.state import adapter_state_dict, load_adapter_state_dict
+    from lorakit.state import adapter_state_dict
 
     if cfg.quantize:
         from lorakit.quant import is_quantized, quantize, quantized_bytes
@@ -161,17 +210,22 @@ def _run(cfg: TrainConfig, model, tokenizer) -> TrainResult:
     logger.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
     logger.info(preflight.targets_summary(model, ADAPTER))
     preflight.check_round_trip(model, ADAPTER)
+    if d.enabled:
+        dist.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])  # identical starting adapters
+    if d.fsdp:
+        dist.shard_model(model, d)
 
     device = next(model.parameters()).device
     autocast = make_autocast(cfg.precision, device)
     trainer = Trainer(
-        model, train_examples, cfg, out, pad_id,
-        save_adapter_fn=lambda p: save_adapter(model, p, ADAPTER),
-        get_state=lambda: adapter_state_dict(model, ADAPTER),
-        set_state=lambda s: load_adapter_state_dict(model, s, ADAPTER, source="checkpoint"),
+        model, train_examples, run_cfg, out, pad_id,
+        write_adapter_fn=lambda p, state: save_adapter(model, p, ADAPTER, state_dict=state),
+        get_state=lambda: dist.full_state(adapter_state_dict(model, ADAPTER)),
+        set_state=lambda s: _set_adapter_state(model, s, d),
         autocast=autocast,
-        eval_fn=_eval_loss_fn(model, eval_examples, pad_id, cfg.eval_batch_size, autocast),
+        eval_fn=_eval_loss_fn(model, eval_examples, pad_id, cfg.eval_batch_size, autocast, d),
         on_first_backward=lambda: preflight.check_gradients(model, ADAPTER),
+        dist=d,
     )  # fmt: skip
     before_file = out / "eval_before.json"
     if cfg.resume and before_file.is_file():
@@ -179,18 +233,20 @@ def _run(cfg: TrainConfig, model, tokenizer) -> TrainResult:
     else:
         logger.info("evaluating the base model on %d eval examples ...", len(eval_rows))
         with disabled(model):
-            before = _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast)
-        ckpt.atomic_write_text(before_file, json.dumps(before, indent=2) + "\n")
+            before = _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d)
+        if d.is_main:
+            ckpt.atomic_write_text(before_file, json.dumps(before, indent=2) + "\n")
     if cfg.resume:
         trainer.resume()  # restores the RNG state saved with the checkpoint
     else:
-        torch.manual_seed(cfg.seed)  # the same stream whatever the pre-flight and base eval consumed
+        torch.manual_seed(cfg.seed + d.rank)  # the same stream whatever pre-flight and eval drew; one per process
     logger.info("training %d steps (%d per epoch) ...", trainer.total_steps, trainer.steps_per_epoch)
     status = "interrupted"
     try:
         status = trainer.train()
     finally:
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        if d.is_main:
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
     result = TrainResult(out, status, trainer.state.step, trainer.total_steps, trainer.train_seconds,
                          trainer.last_loss, before=before)  # fmt: skip
     from lorakit import trainable_parameters
@@ -201,14 +257,30 @@ def _run(cfg: TrainConfig, model, tokenizer) -> TrainResult:
             "stopped at step %d; checkpoint %s; continue with --resume.", result.steps, trainer.last_checkpoint
         )
         return result
-    save_adapter(model, out, ADAPTER)
+    final = dist.full_state(adapter_state_dict(model, ADAPTER))
+    if d.is_main:
+        save_adapter(model, out, ADAPTER, state_dict=final)
+    dist.barrier(d, "waiting for rank 0 to write the adapter")
     result.adapter_bytes = sum(f.stat().st_size for f in out.glob("adapter_*") if f.is_file())
     logger.info("evaluating the adapter ...")
-    result.after = _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast)
+    result.after = _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d)
     result.samples = result.after.pop("samples", [])
     result.before.pop("samples", None)
     summary = {"before": result.before, "after": result.after, "steps": result.steps,
                "train_seconds": round(result.train_seconds, 1), "adapter_bytes": result.adapter_bytes,
                "trainable_params": result.trainable_params, "samples": result.samples}  # fmt: skip
-    ckpt.atomic_write_text(out / "eval_results.json", json.dumps(summary, indent=2) + "\n")
+    if d.is_main:
+        ckpt.atomic_write_text(out / "eval_results.json", json.dumps(summary, indent=2) + "\n")
     return result
+
+
+def _set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor], d: dist.Dist) -> None:
+    """Restore full adapter tensors (from a checkpoint) into the model; under FSDP into this process's shards."""
+    from lorakit.state import load_adapter_state_dict
+
+    if not d.fsdp:
+        load_adapter_state_dict(model, state, ADAPTER, source="checkpoint")
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -1,0 +1,101 @@
+"""Multi-process training (issue #7) on this machine's CPU: 2 gloo processes launched by torchrun.
+
+The reference is always one in-process run with the same global batch: 2 processes x batch 2 must end with the
+adapter of 1 process x batch 4 (dropout 0, same seed) to 1e-5, whether the processes replicate the model (DDP
+style) or shard it (FSDP2), and whether the run was interrupted by a dying process and resumed.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import make_char_tokenizer, make_tiny_llama, pc_rows, write_jsonl
+
+from lorakit.errors import ConfigError
+from lorakit.train import run_training
+from lorakit.train.checkpoint import list_checkpoints, load_checkpoint_state
+from lorakit.train.distributed import Dist, padded_shard, shard
+from lorakit.train.run import _per_process_batch
+
+WORKER = Path(__file__).parent / "dist_worker.py"
+# 25 train rows: with a global batch of 4 the last batch of an epoch has 1 row, so one process gets none.
+SETTINGS = dict(max_steps=5, save_steps=2, r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                learning_rate=5e-3, seed=3, progress=False, precision="fp32", logging_steps=1, eval_generate=True,
+                gradient_accumulation_steps=2, eval_batch_size=2, dist_timeout=60, max_new_tokens=6)  # fmt: skip
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> dict:
+    rows = pc_rows(30, seed=5)
+    return {"data": str(write_jsonl(tmp_path / "train.jsonl", rows[:25])),
+            "eval_data": str(write_jsonl(tmp_path / "eval.jsonl", rows[25:]))}  # fmt: skip
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(tmp_path: Path, spec: dict, name: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    spec_file = tmp_path / f"{name}.json"
+    spec_file.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+           str(spec_file)]  # fmt: skip
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _single(spec: dict):
+    return run_training(spec, model=make_tiny_llama(), tokenizer=make_char_tokenizer())
+
+
+def _assert_same_adapter(a_dir: Path, b_dir: Path, atol: float = 1e-5) -> None:
+    a, b = load_file(a_dir / "adapter_model.safetensors"), load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+    assert any(float(t.abs().max()) > 1e-3 for k, t in a.items() if "lora_B" in k)  # it did train
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, data):
+    ref = _single({**data, **SETTINGS, "output_dir": str(tmp_path / "ref"), "batch_size": 4})
+    proc = _torchrun(tmp_path, {**data, **SETTINGS, "output_dir": str(tmp_path / "ddp"), "batch_size": 2}, "ddp")
+    _check(proc)
+    _assert_same_adapter(tmp_path / "ddp", tmp_path / "ref")
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    for k, t in ranks[0]["state"].items():  # both processes end with the very same adapter
+        assert torch.equal(t, ranks[1]["state"][k]), k
+    for r in ranks:  # evaluation gathered from both processes' shares equals the one-process evaluation
+        for when, expected in (("before", ref.before), ("after", ref.after)):
+            assert r[when]["exact_match"] == expected["exact_match"] and r[when]["n"] == expected["n"] == 5
+            assert r[when]["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+    metrics = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    ref_metrics = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]  # rank 0 alone logs
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in ref_metrics], rel=1e-5)
+    assert [s for s, _ in list_checkpoints(tmp_path / "ddp")] == [4, 5]
+    state = load_checkpoint_state(list_checkpoints(tmp_path / "ddp")[-1][1])
+    assert state["world_size"] == 2 and not state["fsdp"] and len(state["rng_ranks"]) == 2
+
+
+def test_fsdp_shards_and_still_equals_one_process(tmp_path, data):
+    # global_batch_size: the same config gives 4 rows per micro-batch to one process and 2 to each of two
+    settings = {**data, **SETTINGS, "global_batch_size": 8}
+    _single({**settings, "output_dir": str(tmp_path / "ref")})
+    proc = _torchrun(tmp_path, {**settings, "output_dir": str(tmp_path / "fsdp"), "fsdp": True}, "fsdp")
+    _check(proc)
+    _assert_same_adapter(tmp_path / "fsdp", tmp_path / "ref")
+    assert load_checkpoint_state(list_checkpoints(tmp_path / "fsdp")[-1][1])["fsdp"] is True
+    shards = [torch.load(tmp_path / "fsdp" / f"rank{r}.pt")["state"] for r in (0, 1)]
+    a_keys = [k for k in shards[0] if ".lora_A." in k]
+    assert a_keys and all(shards[r][k].shape[0] == SETTINGS["r"] // 2 for r in (0, 1) for k in a_keys)  # sharded
