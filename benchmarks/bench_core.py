@@ -77,6 +77,32 @@ def _step_fn(model, ids):
     return step
 
 
+def adapter_io(base, ours, theirs, reps: int) -> dict:
+    """Median save and load seconds and file bytes of the same adapter, lorakit vs PEFT (alternating)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fresh_ours, fresh_theirs = copy.deepcopy(base), copy.deepcopy(base)
+        io = _race(
+            {
+                "lorakit_save": lambda: lorakit.save_adapter(ours, tmp / "ours"),
+                "peft_save": lambda: theirs.save_pretrained(tmp / "theirs"),
+            },
+            reps,
+        )
+        load_ours = []
+        load_theirs = []
+        for _ in range(reps):
+            model = copy.deepcopy(fresh_ours)
+            load_ours.append(_timed(lambda m=model: lorakit.load_adapter(m, tmp / "ours")))
+            model = copy.deepcopy(fresh_theirs)
+            load_theirs.append(_timed(lambda m=model: PeftModel.from_pretrained(m, tmp / "theirs")))
+        io["lorakit_load"] = statistics.median(load_ours)
+        io["peft_load"] = statistics.median(load_theirs)
+        io["lorakit_bytes"] = (tmp / "ours" / "adapter_model.safetensors").stat().st_size
+        io["peft_bytes"] = (tmp / "theirs" / "adapter_model.safetensors").stat().st_size
+    return io
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
@@ -116,27 +142,7 @@ def main() -> None:
             {"lorakit": _step_fn(ours, ids), "peft": _step_fn(theirs, ids)}, args.reps
         )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        fresh_ours, fresh_theirs = copy.deepcopy(base), copy.deepcopy(base)
-        io = _race(
-            {
-                "lorakit_save": lambda: lorakit.save_adapter(ours, tmp / "ours"),
-                "peft_save": lambda: theirs.save_pretrained(tmp / "theirs"),
-            },
-            args.reps,
-        )
-        load_ours = []
-        load_theirs = []
-        for _ in range(args.reps):
-            model = copy.deepcopy(fresh_ours)
-            load_ours.append(_timed(lambda m=model: lorakit.load_adapter(m, tmp / "ours")))
-            model = copy.deepcopy(fresh_theirs)
-            load_theirs.append(_timed(lambda m=model: PeftModel.from_pretrained(m, tmp / "theirs")))
-        io["lorakit_load"] = statistics.median(load_ours)
-        io["peft_load"] = statistics.median(load_theirs)
-        io["lorakit_bytes"] = (tmp / "ours" / "adapter_model.safetensors").stat().st_size
-        io["peft_bytes"] = (tmp / "theirs" / "adapter_model.safetensors").stat().st_size
+    io = adapter_io(base, ours, theirs, args.reps)
     results["adapter_io"] = io
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -51,19 +51,24 @@ def _rss_kib(field: str) -> int:
     return -1
 
 
-def worker(kind: str, batch: int, seq: int, reps: int) -> dict:
-    """One variant's step time and peak memory, in a fresh process (so peaks do not mix)."""
+def worker(kind: str, batch: int, seq: int, reps: int, device: str = "cpu") -> dict:
+    """One variant's step time and peak memory, in a fresh process (so peaks do not mix).
+
+    On CUDA the memory figures are allocated GPU memory (``torch.cuda``) instead of RSS.
+    """
+    cuda = device.startswith("cuda")
     model, _ = load_model("smollm2-135m-instruct")
     with torch.no_grad():  # own the weights: safetensors loads them memory-mapped, and the file mapping (kept
         for p in model.parameters():  # alive by any one tensor) would stay resident after quantization
             p.data = p.data.clone()
     gc.collect()
+    model.to(device)
     if kind == "qlora":
         quantize(model, "nf4")
         gc.collect()
     lorakit.add_adapter(model, _config(dropout=0.05))
     model.train()
-    ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
@@ -72,14 +77,21 @@ def worker(kind: str, batch: int, seq: int, reps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up; creates the optimizer state
-    rss_setup = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    if cuda:
+        torch.cuda.synchronize(device)
+        rss_setup = torch.cuda.memory_allocated(device) / 1024
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        rss_setup = _rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    peak = _rss_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) / 1024 if cuda else _rss_kib("VmHWM")
     return {"step_s": statistics.median(times), "rss_setup_mib": rss_setup / 1024, "peak_mib": peak / 1024,
             "step_peak_above_setup_mib": (peak - rss_setup) / 1024}  # fmt: skip
 

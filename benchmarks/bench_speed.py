@@ -40,15 +40,33 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def worker(name: str, batch: int, seq: int, threads: int, steps: int) -> dict:
+def peak_gib(device: str = "cpu") -> float:
+    """This process's peak memory so far: RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return _rss_gib()
+
+
+def sync(device: str = "cpu") -> None:
+    """Wait for queued device work (before reading a clock)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def worker(name: str, batch: int, seq: int, threads: int, steps: int, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
     from lorakit.models import load_model
 
     model, _ = load_model("smollm2-135m-instruct")
-    model.train()
+    model.to(device).train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
     spec = CONFIGS[name]
     if spec.get("lib") == "lorakit":
         import lorakit
@@ -69,7 +87,7 @@ def worker(name: str, batch: int, seq: int, threads: int, steps: int) -> dict:
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
-    rss_loaded = _rss_gib()
+    rss_loaded = peak_gib(device)
 
     def step() -> None:
         if opt is None:  # the frozen base: forward, then backward to the input embeddings only
@@ -83,8 +101,10 @@ def worker(name: str, batch: int, seq: int, threads: int, steps: int) -> dict:
     step()  # warm-up (allocates optimizer state)
     times = []
     for _ in range(steps):
+        sync(device)
         start = time.perf_counter()
         step()
+        sync(device)
         times.append(time.perf_counter() - start)
     optimizer_bytes = sum(
         t.numel() * t.element_size()
@@ -94,13 +114,14 @@ def worker(name: str, batch: int, seq: int, threads: int, steps: int) -> dict:
     )
     return {
         "step_s": statistics.median(times),
-        "peak_rss_gib": _rss_gib(),
+        "peak_rss_gib": peak_gib(device),  # on CUDA: peak allocated GPU memory
         "rss_after_load_gib": rss_loaded,
         "optimizer_state_bytes": optimizer_bytes,
     }
 
 
-def generate_worker(threads: int) -> dict:
+def generate_worker(threads: int, reps: int = 3, new_tokens: int = 64, device: str = "cpu") -> dict:
+    """Median seconds of a prompt forward and a greedy generate: base, lorakit unmerged / merged, PEFT unmerged."""
     import copy
 
     import torch
@@ -111,7 +132,9 @@ def generate_worker(threads: int) -> dict:
     from lorakit.models import load_model
 
     base, tok = load_model("smollm2-135m-instruct")
+    base.to(device)
     ids = tok(["Write a haiku about autumn leaves falling in the quiet forest at dusk."] * 4, return_tensors="pt")
+    ids = ids.to(device)
     ours = lorakit.add_adapter(copy.deepcopy(base), lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=ATTN)).eval()
     with torch.no_grad():
         for t in lorakit.adapter_state_dict(ours, "default").values():
@@ -122,15 +145,18 @@ def generate_worker(threads: int) -> dict:
 
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=ATTN)).eval()
     models = {"base": base, "lorakit": ours, "lorakit_merged": merged, "peft": theirs}
-    kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     out = {f"{k}_{m}": [] for k in ("forward", "generate") for m in models}
     with torch.no_grad():
-        for rep in range(4):
+        for rep in range(reps + 1):  # the first round warms up
             for m, model in models.items():
+                sync(device)
                 start = time.perf_counter()
                 model(**ids)
+                sync(device)
                 t1 = time.perf_counter()
                 model.generate(**ids, **kw)
+                sync(device)
                 t2 = time.perf_counter()
                 if rep:
                     out[f"forward_{m}"].append(t1 - start)
