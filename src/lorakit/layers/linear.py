@@ -56,6 +56,19 @@ class LoraLinear(LoraLayer):
             kaiming_a(self.lora_A[name].weight)
         nn.init.zeros_(self.lora_B[name].weight)  # B = 0: a fresh adapter is a no-op
 
+    @property
+    def fusable_base(self) -> bool:
+        """True when this layer may share its ``A`` matmul with siblings (see `lorakit.layers.fused`)."""
+        return isinstance(self.base_layer, nn.Linear) and not self.fan_in_fan_out
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        group = self.__dict__.get("_sibling_group")  # set by lorakit.layers.fused.link_siblings
+        delta = None if group is None else group.delta(self, x)
+        if delta is None:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return result + delta.to(result.dtype)
+
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
