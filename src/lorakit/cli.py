@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args._run(args)
     except LorakitError as exc:
-        print(f"lorakit: error: {exc}", file=sys.stderr)
+        if getattr(exc, "echoed_from_rank", None) is None:  # torchrun: rank 0 prints the errors all ranks share
+            print(f"lorakit: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)

@@ -48,7 +48,9 @@ def main() -> int:
         return 1
     local = {k: (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
              for k, v in adapter_state_dict(model, "default").items()}  # fmt: skip
-    torch.save({"state": local, "before": result.before, "after": result.after}, Path(spec["output_dir"]) / f"rank{rank}.pt")
+    torch.save(
+        {"state": local, "before": result.before, "after": result.after}, Path(spec["output_dir"]) / f"rank{rank}.pt"
+    )
     return 0
 
 

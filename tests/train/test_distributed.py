@@ -99,3 +99,96 @@ def test_fsdp_shards_and_still_equals_one_process(tmp_path, data):
     shards = [torch.load(tmp_path / "fsdp" / f"rank{r}.pt")["state"] for r in (0, 1)]
     a_keys = [k for k in shards[0] if ".lora_A." in k]
     assert a_keys and all(shards[r][k].shape[0] == SETTINGS["r"] // 2 for r in (0, 1) for k in a_keys)  # sharded
+
+
+def test_a_dying_process_stops_the_run_and_the_resumed_run_matches(tmp_path, data):
+    out = tmp_path / "killed"
+    spec = {**data, **SETTINGS, "output_dir": str(out), "batch_size": 2}
+    t0 = time.monotonic()
+    proc = _torchrun(tmp_path, {**spec, "die": {"rank": 1, "step": 3}}, "die")
+    assert proc.returncode != 0 and time.monotonic() - t0 < 120
+    assert [s for s, _ in list_checkpoints(out)] == [2]  # the last checkpoint is intact
+    assert not (out / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match=r"written by 2 processes.*--nproc-per-node"):
+        _single({**spec, "resume": True})  # one process cannot continue a two-process run
+    _check(_torchrun(tmp_path, {**spec, "resume": True}, "resume"))
+    _single({**data, **SETTINGS, "output_dir": str(tmp_path / "ref"), "batch_size": 4})
+    _assert_same_adapter(out, tmp_path / "ref")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_without_a_launcher_to_stop_them_survivors_exit_with_a_clear_error(tmp_path, data):
+    """No torchrun agent here (as when a node dies): rank 0 must notice by itself, not hang."""
+    out = tmp_path / "out"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({**data, **SETTINGS, "output_dir": str(out), "batch_size": 2, "dist_timeout": 30,
+                                     "die": {"rank": 1, "step": 3}}))  # fmt: skip
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], env=env, text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
+    try:
+        assert procs[1].wait(timeout=180) == -signal.SIGKILL
+        t_dead = time.monotonic()
+        assert procs[0].wait(timeout=90) == 1  # within the 30 s timeout (plus start-up slack), not forever
+        assert time.monotonic() - t_dead < 60
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err = procs[0].stderr.read()
+    assert "lorakit: error: rank 0 of 2:" in err and "another process probably died" in err, err[-2000:]
+    assert "checkpoint-2" in err and "--resume" in err
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+
+
+def test_torchrun_runs_the_lorakit_cli(tmp_path, data):
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(model_dir)
+    make_char_tokenizer().save_pretrained(model_dir)
+    args = ["--model", str(model_dir), "--data", data["data"], "--eval-data", data["eval_data"], "--max-steps", "2",
+            "--lora-r", "4", "--precision", "fp32", "--no-progress", "--max-new-tokens", "4",
+            "--learning-rate", "5e-3"]  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lorakit",
+           "train"]  # fmt: skip
+    proc = subprocess.run([*run, *args, "--output-dir", str(tmp_path / "out"), "--global-batch-size", "4"],
+                          env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    _check(proc)
+    assert proc.stdout.count("trained 2 steps") == 1  # rank 0 reports, rank 1 stays quiet
+    assert "2 processes (replicated, gloo): global batch 4 = 2 per process x 1 accumulation x 2" in proc.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    bad = subprocess.run([*run, *args, "--output-dir", str(tmp_path / "bad"), "--global-batch-size", "3"],
+                         env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode != 0
+    lines = [x for x in bad.stderr.splitlines() if x.startswith("lorakit: error:")]
+    assert len(lines) == 1 and "global_batch_size=3 is not divisible by 2 processes" in lines[0], bad.stderr[-2000:]
+    assert "lorakit/train" not in bad.stderr  # no traceback from our code (torchrun adds its own failure report)
+
+
+def test_global_batch_size_must_divide_over_processes_and_accumulation():
+    from lorakit.train.config import TrainConfig
+
+    cfg = TrainConfig(global_batch_size=12, gradient_accumulation_steps=3)
+    assert _per_process_batch(cfg, Dist(world_size=2)).batch_size == 2
+    assert _per_process_batch(cfg, Dist()).batch_size == 4
+    with pytest.raises(ConfigError, match=r"global_batch_size=12 is not divisible by 8 processes .* = 24"):
+        _per_process_batch(cfg, Dist(world_size=8))
+    with pytest.raises(ConfigError, match="global_batch_size=0"):
+        TrainConfig(global_batch_size=0)
+
+
+def test_shards_cover_every_row_once_and_padded_shards_are_even():
+    rows = list(range(7))
+    parts = [shard(rows, Dist(rank=r, world_size=3)) for r in range(3)]
+    assert [p for p, _ in parts] == [[0, 1, 2], [3, 4], [5, 6]] and [o for _, o in parts] == [0, 3, 5]
+    assert shard([9], Dist(rank=1, world_size=2)) == ([], 1)
+    padded = [padded_shard(rows, Dist(rank=r, world_size=3)) for r in range(3)]
+    assert padded == [([0, 1, 2], 3), ([3, 4, 5], 3), ([6, 0, 0], 1)]

@@ -36,6 +36,8 @@ _HELP = {
     "quantize": "nf4: QLoRA, the frozen base in 4-bit NF4 (pure PyTorch) under full-precision adapters",
     "skip_bad_lines": "skip (and count) JSONL lines that are not JSON or lack the needed keys",
 }
+# torchrun's own parser reads abbreviations anywhere on its command line: "--r" is ambiguous there.
+_ALIASES = {"r": ["--lora-r"]}
 _CHOICES = {"precision": ["auto", "bf16", "fp32"], "lr_scheduler": ["cosine", "linear", "constant"]}
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
@@ -62,7 +64,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = _CHOICES[f.name]
         if f.name in _HELP and default not in (None, True, False):
             kwargs["help"] += f" (default: {default})"
-        parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
+        names = [_flag(f.name)] + _ALIASES.get(f.name, [])
+        parser.add_argument(*names, dest=f.name, **kwargs)
 
 
 def parse_target_modules(values: list[str] | None) -> Any:
@@ -99,6 +102,8 @@ def train_from_args(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = config_from_args(args)
     result = run_training(cfg)
+    if result.rank != 0:  # torchrun: one report, from rank 0
+        return 0 if result.status == "completed" else 130
     if result.status != "completed":
         print(f"interrupted at step {result.steps}/{result.total_steps}; continue with: lorakit train --resume "
               f"--output-dir {result.output_dir} (same flags)")  # fmt: skip

@@ -126,7 +126,8 @@ def _collective(d: Dist, what: str, fn: Callable[[], T]) -> T:
 
 
 def lost_contact(d: Dist, what: str, e: BaseException) -> DistributedError:
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = text if len(text) <= 160 else text[:157] + "..."
     return DistributedError(
         f"{d.where()}: {what} failed ({first}); another process probably died or stalled past the "
         f"{d.timeout_s:.0f} s timeout (its own output says why)"

@@ -47,6 +47,7 @@ class TrainResult:
     trainable_params: int = 0
     total_params: int = 0
     samples: list[dict[str, str]] = field(default_factory=list)
+    rank: int = 0  # under torchrun: this process's rank (every process returns the same result; rank 0 reports)
 
     def table(self) -> str:
         return format_table({"before": self.before, "after": self.after})
@@ -173,7 +174,7 @@ def run_training(config: TrainConfig | dict | str | None = None, *, model=None, 
 def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
     if model is not None and tokenizer is None:
         raise ValueError("run_training(model=...) also needs tokenizer=...")
-    run_cfg = _per_process_batch(cfg, d)
+    run_cfg = dist.on_main(d, lambda: _per_process_batch(cfg, d), "checking the batch size")
     rows = read_jsonl(cfg.data, cfg.skip_bad_lines)
     if cfg.eval_data:
         eval_rows = read_jsonl(cfg.eval_data, cfg.skip_bad_lines)
@@ -248,7 +249,7 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
         if d.is_main:
             plot_loss(out / "metrics.jsonl", out / "loss.png")
     result = TrainResult(out, status, trainer.state.step, trainer.total_steps, trainer.train_seconds,
-                         trainer.last_loss, before=before)  # fmt: skip
+                         trainer.last_loss, before=before, rank=d.rank)  # fmt: skip
     from lorakit import trainable_parameters
 
     result.trainable_params, result.total_params = trainable_parameters(model)
