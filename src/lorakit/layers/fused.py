@@ -16,8 +16,9 @@ Fusion applies only when it is exactly the same math: one active, unmerged adapt
 dropout off (p == 0 or eval mode: per-layer dropout masks cannot be shared), matching dtypes and devices, and not
 while torch.compile traces (the compiled graph takes the per-layer path). Anything else takes the per-layer path.
 
-It is off by default: on CPU (1 thread, SmolLM2-135M, r=16) it measured no faster than the per-layer path; see
-``benchmarks/results/fused_a.json``. Switch it with `set_fused_a`.
+It is off by default: on CPU (1 thread, SmolLM2-135M, r=16, dropout 0) a training step at 4 x 256 measured
+1.02-1.05x and a prompt forward 0.94-1.03x the per-layer time, i.e. no gain beyond noise (the A matmuls are a tiny
+share of the step); not yet measured on CUDA. See ``benchmarks/bench_fused_a.py``. Switch it with `set_fused_a`.
 """
 
 from __future__ import annotations
