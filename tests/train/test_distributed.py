@@ -101,16 +101,17 @@ def test_fsdp_shards_and_still_equals_one_process(tmp_path, data):
     assert a_keys and all(shards[r][k].shape[0] == SETTINGS["r"] // 2 for r in (0, 1) for k in a_keys)  # sharded
 
 
-def test_a_dying_process_stops_the_run_and_the_resumed_run_matches(tmp_path, data):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_a_dying_process_stops_the_run_and_the_resumed_run_matches(tmp_path, data, fsdp):
     out = tmp_path / "killed"
-    spec = {**data, **SETTINGS, "output_dir": str(out), "batch_size": 2}
+    spec = {**data, **SETTINGS, "output_dir": str(out), "batch_size": 2, "fsdp": fsdp}
     t0 = time.monotonic()
     proc = _torchrun(tmp_path, {**spec, "die": {"rank": 1, "step": 3}}, "die")
     assert proc.returncode != 0 and time.monotonic() - t0 < 120
     assert [s for s, _ in list_checkpoints(out)] == [2]  # the last checkpoint is intact
     assert not (out / "adapter_model.safetensors").exists()
     with pytest.raises(ConfigError, match=r"written by 2 processes.*--nproc-per-node"):
-        _single({**spec, "resume": True})  # one process cannot continue a two-process run
+        _single({**spec, "resume": True, "fsdp": False})  # one process cannot continue a two-process run
     _check(_torchrun(tmp_path, {**spec, "resume": True}, "resume"))
     _single({**data, **SETTINGS, "output_dir": str(tmp_path / "ref"), "batch_size": 4})
     _assert_same_adapter(out, tmp_path / "ref")
