@@ -227,7 +227,6 @@ class Trainer:
         if self.on_first_backward is not None:
             self.on_first_backward()
             self.on_first_backward = None
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.config.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             if not torch.isfinite(norm):
