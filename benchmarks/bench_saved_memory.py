@@ -1,0 +1,107 @@
+"""Activation memory a training step keeps for backward: lorakit vs PEFT vs the frozen base (the lower bound).
+
+Peak RSS (bench_speed.py) mixes what autograd keeps with allocator slack and backward's transient buffers; this
+counts exactly what the forward pass hands to backward. Every tensor autograd saves passes through a
+``saved_tensors_hooks`` pack hook; the bytes of the distinct storages behind them (model parameters excluded) are
+the activation memory the step holds at the end of its forward, its usual peak. Deterministic: one forward per
+config, same model, same random batch (default 4 x 256, every position labelled), configs as in bench_speed.py.
+
+Run: python benchmarks/bench_saved_memory.py [--batch 4] [--seq 256] [--threads 1]
+Writes benchmarks/results/saved_memory.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_speed import ATTN, CONFIGS  # noqa: E402
+
+MEASURED = [name for name in CONFIGS if name != "full"]
+
+
+def saved_bytes(name: str, batch: int, seq: int, device: str = "cpu") -> int:
+    """Bytes of the distinct non-parameter storages the forward of config ``name`` saves for backward."""
+    import torch
+
+    from lorakit.models import load_model
+
+    model, _ = load_model("smollm2-135m-instruct")
+    model.to(device).train()
+    spec = CONFIGS[name]
+    targets = ATTN if spec.get("targets") == "attn" else "all-linear"
+    if spec.get("lib") == "lorakit":
+        import lorakit
+
+        lorakit.add_adapter(
+            model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=spec["dropout"])
+        )
+    elif spec.get("lib") == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=spec["dropout"])
+        )
+    else:  # the lower bound: frozen base, gradient to the input embeddings only
+        for p in model.parameters():
+            p.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if name == "lower_bound":
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # the saved tensors were all used (a sanity check that the step is complete)
+    return sum(storages.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "saved_memory.json"))
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mib = {name: saved_bytes(name, args.batch, args.seq, device) / 2**20 for name in MEASURED}
+    base = mib["lower_bound"]
+    rows = []
+    for ours, theirs, label in (("lorakit_d0.05", "peft_d0.05", "q,k,v,o dropout 0.05"),
+                                ("lorakit_d0", "peft_d0", "q,k,v,o dropout 0"),
+                                ("lorakit_all_linear", "peft_all_linear", "all-linear dropout 0.05")):  # fmt: skip
+        over_ours, over_theirs = mib[ours] - base, mib[theirs] - base
+        ratio = over_ours / over_theirs if over_theirs > 0 else None
+        rows.append({"config": label, "lorakit_mib": mib[ours], "peft_mib": mib[theirs], "lorakit_over_base_mib":
+                     over_ours, "peft_over_base_mib": over_theirs, "overhead_ratio": ratio})  # fmt: skip
+    result = {"batch": args.batch, "seq": args.seq, "device": device, "lower_bound_mib": base, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved for backward, batch {args.batch} x {args.seq} ({device}); lower bound {base:.1f} MiB\n")
+    print("| config | lorakit MiB | PEFT MiB | lorakit above lower bound | PEFT above lower bound | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = "-" if r["overhead_ratio"] is None else f"{r['overhead_ratio']:.2f}x"
+        print(f"| {r['config']} | {r['lorakit_mib']:.1f} | {r['peft_mib']:.1f} | {r['lorakit_over_base_mib']:.1f} | "
+              f"{r['peft_over_base_mib']:.1f} | {ratio} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
