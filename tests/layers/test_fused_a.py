@@ -34,15 +34,15 @@ def fusion():
 
 @pytest.fixture
 def per_layer_calls(monkeypatch):
-    """Counts the LoRA branches that ran the per-layer path (`LoraLinear.lora_forward`)."""
+    """Counts the LoRA branches that ran the per-layer path (`LoraLinear.add_lora`)."""
     calls = []
-    original = LoraLinear.lora_forward
+    original = LoraLinear.add_lora
 
-    def counted(self, x, name):
+    def counted(self, result, x, name):
         calls.append(name)
-        return original(self, x, name)
+        return original(self, result, x, name)
 
-    monkeypatch.setattr(LoraLinear, "lora_forward", counted)
+    monkeypatch.setattr(LoraLinear, "add_lora", counted)
     return calls
 
 

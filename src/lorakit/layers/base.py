@@ -142,8 +142,12 @@ class LoraLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters:  # already inside base_layer.weight
                 continue
-            result = result + self.lora_forward(x, name).to(result.dtype)
+            result = self.add_lora(result, x, name)
         return result
+
+    def add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """``result`` plus adapter ``name``'s update of ``x`` (layer types may do it in fewer kernels)."""
+        return result + self.lora_forward(x, name).to(result.dtype)
 
     # ---- per-row routing ----------------------------------------------------------------------------------
     def routed_delta(self, x: Tensor, route: Route) -> Tensor | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.layers.base import LoraLayer, kaiming_a
@@ -68,6 +69,27 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         return result + delta.to(result.dtype)
+
+    def add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """Inference fast path: ``result += s * (x A^T) B^T`` as one matmul and one in-place ``addmm``.
+
+        Taken only without autograd or autocast, with dropout inactive and one dtype throughout; the update
+        then lands in the base layer's fresh output instead of costing a scale and an addition kernel more.
+        """
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        dropout = self.lora_dropout[name]
+        if (
+            torch.is_grad_enabled()
+            or (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0)
+            or torch.is_autocast_enabled(x.device.type)
+            or not (x.dtype == a.dtype == b.dtype == result.dtype)
+            or not result.is_contiguous()
+            or result.shape[-1] != b.shape[0]
+        ):
+            return super().add_lora(result, x, name)
+        h = F.linear(x, a).reshape(-1, a.shape[0])  # (n, r)
+        result.view(-1, b.shape[0]).addmm_(h, b.t(), alpha=self.scaling[name])
+        return result
 
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         dropout = self.lora_dropout[name]
