@@ -123,7 +123,9 @@ def _load_base(cfg: TrainConfig, d: dist.Dist):
     model, tokenizer = _load_model(cfg.model)
     if d.enabled and d.local_rank == 0:
         dist.barrier(d, "waiting for the other processes to load the model")
-    if d.device.type != "cpu":
+    # Under FSDP the model stays on the CPU: fully_shard moves each layer to the device as it shards it, so the
+    # whole base never has to fit on one device.
+    if d.device.type != "cpu" and not d.fsdp:
         model = model.to(d.device)
     return model, tokenizer
 
