@@ -7,7 +7,8 @@ One command measures, on the same inputs and in one process order:
 - the chunked cross-entropy of the trainer: a real ``lorakit train`` run (text rows, every position labelled),
   chunked vs unchunked (``lorakit.train.loss.CE_CHUNK_ROWS = 0``);
 - unmerged inference latency over the base (prompt forward and greedy generate), merged lorakit, PEFT unmerged;
-- adapter save / load time and file size, lorakit vs PEFT.
+- adapter save / load time and file size, lorakit vs PEFT;
+- the activation bytes each training config keeps for backward (bench_saved_memory.py; exact, not sampled).
 Each training measurement runs in its own subprocess (its peak memory is its own: RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA), all of them alternating, repetition after repetition; every
 figure is the median over repetitions. Inference and adapter I/O alternate inside one process each.
@@ -98,6 +99,11 @@ def child(kind: str, a: dict) -> dict:
         return bench_speed.generate_worker(a["threads"], a["reps"], a["new_tokens"], a["device"])
     if kind == "adapter_io":
         return adapter_io_worker(a["threads"], a["reps"], a["device"])
+    if kind == "saved":
+        import bench_saved_memory
+
+        return {name: bench_saved_memory.saved_bytes(name, a["batch"], a["seq"], a["device"]) / 2**20
+                for name in bench_saved_memory.MEASURED}  # fmt: skip
     raise ValueError(kind)
 
 
@@ -130,6 +136,7 @@ def run(a: dict) -> dict:
         out[{"train": "train", "qlora": "qlora", "ce": "chunked_ce"}[kind]][name] = m
     out["inference_s"] = spawn("generate", a)
     out["adapter_io"] = spawn("adapter_io", a)
+    out["saved_for_backward_mib"] = spawn("saved", a)
     return out
 
 
@@ -229,7 +236,21 @@ def tables(r: dict) -> str:
               f"| {c['peak_gib'] - u['peak_gib']:+.2f} GiB |"]  # fmt: skip
     if c["train_s"] and u["train_s"]:
         lines.append(f"| train time | {u['train_s']:.2f} s | {c['train_s']:.2f} s | {_x(c['train_s'], u['train_s'])} |")
+    if "saved_for_backward_mib" in r:
+        lines += ["", *_saved_table(r["saved_for_backward_mib"], s)]
     return "\n".join(lines)
+
+
+def _saved_table(mib: dict, s: dict) -> list[str]:
+    low = mib["lower_bound"]
+    lines = [f"**Activations kept for backward** (batch {s['batch']} x {s['seq']}; lower bound {low:.1f} MiB)", "",
+             "| config | lorakit above lower bound | PEFT above lower bound | ratio |",
+             "|---|---|---|---|"]  # fmt: skip
+    for ours, label in (("lorakit_d0.05", "q,k,v,o dropout 0.05"), ("lorakit_d0", "q,k,v,o dropout 0"),
+                        ("lorakit_all_linear", "all-linear dropout 0.05")):  # fmt: skip
+        a, b = mib[ours] - low, mib[ours.replace("lorakit", "peft")] - low
+        lines.append(f"| {label} | {a:.1f} MiB | {b:.1f} MiB | {_x(a, b) if b > 0 else '-'} |")
+    return lines
 
 
 if __name__ == "__main__":
