@@ -21,8 +21,10 @@ class _LoraLinearDelta(torch.autograd.Function):
         xd = x.to(a.dtype) if not torch.is_autocast_enabled(x.device.type) else x
         if p > 0:
             mask = torch.rand(x.shape, device=x.device) >= p  # keep with probability 1 - p (faster than bernoulli_)
-            xd = xd * mask * (1.0 / (1.0 - p))  # a temporary: not saved
+            xd = xd * mask  # a temporary, not saved; the 1 / (1 - p) scale goes on the rank-sized h instead
         h = F.linear(xd, a)  # (..., r)
+        if p > 0:
+            h = h * (1.0 / (1.0 - p))
         out = F.linear(h, b) * scaling  # (..., out)
         ctx.save_for_backward(x, a, b, h, mask)
         ctx.scaling, ctx.p = scaling, p
@@ -37,16 +39,18 @@ class _LoraLinearDelta(torch.autograd.Function):
         h2 = h.reshape(-1, h.shape[-1]).to(dtype)  # (n, r)
         grad_b = (g.T @ h2).to(b.dtype) if ctx.needs_input_grad[2] else None  # (out, r)
         gh = g @ b.to(dtype)  # (n, r)
+        if mask is not None:
+            gh = gh * (1.0 / (1.0 - p))  # the dropout scale, applied on rank-sized tensors (as in forward)
         grad_a = grad_x = None
         if ctx.needs_input_grad[1]:
             xd = x.reshape(-1, x.shape[-1]).to(dtype)
             if mask is not None:
-                xd = xd * mask.reshape(xd.shape) * (1.0 / (1.0 - p))
+                xd = xd * mask.reshape(xd.shape)
             grad_a = (gh.T @ xd).to(a.dtype)  # (r, in)
         if ctx.needs_input_grad[0]:
-            gx = gh @ a.to(dtype)  # (n, in)
+            gx = gh @ a.to(dtype)  # (n, in), a fresh tensor: masked in place
             if mask is not None:
-                gx = gx * mask.reshape(gx.shape) * (1.0 / (1.0 - p))
+                gx.mul_(mask.reshape(gx.shape))
             grad_x = gx.reshape(x.shape).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None
 
