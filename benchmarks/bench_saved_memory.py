@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_speed import ATTN, CONFIGS  # noqa: E402
+from bench_speed import CONFIGS, build, step_loss  # noqa: E402
 
 MEASURED = [name for name in CONFIGS if name != "full"]
 
@@ -28,29 +28,7 @@ def saved_bytes(name: str, batch: int, seq: int, device: str = "cpu") -> int:
     """Bytes of the distinct non-parameter storages the forward of config ``name`` saves for backward."""
     import torch
 
-    from lorakit.models import load_model
-
-    model, _ = load_model("smollm2-135m-instruct")
-    model.to(device).train()
-    spec = CONFIGS[name]
-    targets = ATTN if spec.get("targets") == "attn" else "all-linear"
-    if spec.get("lib") == "lorakit":
-        import lorakit
-
-        lorakit.add_adapter(
-            model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=spec["dropout"])
-        )
-    elif spec.get("lib") == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=spec["dropout"])
-        )
-    else:  # the lower bound: frozen base, gradient to the input embeddings only
-        for p in model.parameters():
-            p.requires_grad_(False)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
+    model, ids = build(name, batch, seq, device)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -61,11 +39,7 @@ def saved_bytes(name: str, batch: int, seq: int, device: str = "cpu") -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if name == "lower_bound":
-            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-            loss = model(inputs_embeds=embeds, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
+        loss = step_loss(name, model, ids)
     loss.backward()  # the saved tensors were all used (a sanity check that the step is complete)
     return sum(storages.values())
 

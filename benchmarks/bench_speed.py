@@ -57,10 +57,10 @@ def sync(device: str = "cpu") -> None:
         torch.cuda.synchronize(device)
 
 
-def worker(name: str, batch: int, seq: int, threads: int, steps: int, device: str = "cpu") -> dict:
+def build(name: str, batch: int, seq: int, device: str = "cpu"):
+    """The default model set up as config ``name`` (train mode) and the fixed random batch ``(batch, seq)``."""
     import torch
 
-    torch.set_num_threads(threads)
     from lorakit.models import load_model
 
     model, _ = load_model("smollm2-135m-instruct")
@@ -68,35 +68,47 @@ def worker(name: str, batch: int, seq: int, threads: int, steps: int, device: st
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     spec = CONFIGS[name]
+    targets = ATTN if spec.get("targets") == "attn" else "all-linear"
     if spec.get("lib") == "lorakit":
         import lorakit
 
-        targets = ATTN if spec["targets"] == "attn" else "all-linear"
         lorakit.add_adapter(
             model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=spec["dropout"])
         )
     elif spec.get("lib") == "peft":
         from peft import LoraConfig, get_peft_model
 
-        targets = ATTN if spec["targets"] == "attn" else "all-linear"
         model = get_peft_model(
             model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=spec["dropout"])
         )
     elif name == "lower_bound":
         for p in model.parameters():
             p.requires_grad_(False)
+    return model, ids
+
+
+def step_loss(name: str, model, ids):
+    """The step's loss; the lower bound takes its gradient to the input embeddings only (the base is frozen)."""
+    if name == "lower_bound":
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        return model(inputs_embeds=embeds, labels=ids).loss
+    return model(input_ids=ids, labels=ids).loss
+
+
+def worker(name: str, batch: int, seq: int, threads: int, steps: int, device: str = "cpu") -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    model, ids = build(name, batch, seq, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
     rss_loaded = peak_gib(device)
 
     def step() -> None:
-        if opt is None:  # the frozen base: forward, then backward to the input embeddings only
-            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-            model(inputs_embeds=embeds, labels=ids).loss.backward()
-            return
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_loss(name, model, ids).backward()
+        if opt is not None:  # the lower bound has no optimizer
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     step()  # warm-up (allocates optimizer state)
     times = []
