@@ -52,6 +52,10 @@ class Example:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def without_labels(self) -> Example:
+        """The same tokens with no loss anywhere: a filler row that keeps processes' forwards in step."""
+        return Example(self.input_ids, [IGNORE_INDEX] * len(self), self.source)
+
 
 @dataclass
 class TokenizeStats:

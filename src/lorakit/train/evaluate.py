@@ -18,7 +18,7 @@ import torch
 
 from lorakit.train import distributed as dist
 from lorakit.train.collate import collate, count_label_tokens
-from lorakit.train.data import IGNORE_INDEX, Example, Row, display_prompt, prompt_text
+from lorakit.train.data import Example, Row, display_prompt, prompt_text
 from lorakit.train.distributed import Dist
 from lorakit.train.loss import causal_lm_loss
 
@@ -175,7 +175,7 @@ def eval_loss(
     d = d or Dist()
     if d.enabled:
         mine, real = dist.padded_shard(examples, d)
-        examples = mine[:real] + [Example(e.input_ids, [IGNORE_INDEX] * len(e)) for e in mine[real:]]
+        examples = mine[:real] + [e.without_labels() for e in mine[real:]]
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training

@@ -24,7 +24,7 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dist
 from lorakit.train.collate import batch_order, collate, count_label_tokens
 from lorakit.train.config import TrainConfig
-from lorakit.train.data import IGNORE_INDEX, Example
+from lorakit.train.data import Example
 from lorakit.train.distributed import Dist, DistributedError
 from lorakit.train.loss import causal_lm_loss
 from lorakit.train.schedule import StopFlag, lr_lambda, param_groups
@@ -186,8 +186,7 @@ class Trainer:
         if mine:
             batch = collate([self.examples[i] for i in mine], self.pad_id)
             return batch, int(batch["attention_mask"].sum())
-        e = self.examples[idx[0]]
-        return collate([Example(e.input_ids, [IGNORE_INDEX] * len(e))], self.pad_id), 0
+        return collate([self.examples[idx[0]].without_labels()], self.pad_id), 0
 
     def _step(self, stream: Iterator[list[int]], stop: Callable[[], bool] = lambda: False) -> tuple[float, int, bool]:
         """One optimizer step: (mean loss per learned token, tokens processed, stop requested on any process).
