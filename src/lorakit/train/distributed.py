@@ -152,13 +152,9 @@ def all_sum(d: Dist, values: Sequence[float], what: str = "summing the step's st
         return [float(v) for v in values]
     import torch.distributed as dist
 
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device(d))
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=d.device)
     _collective(d, what, lambda: dist.all_reduce(t))
     return t.tolist()
-
-
-def _comm_device(d: Dist) -> torch.device:
-    return d.device if torch.cuda.is_available() else torch.device("cpu")
 
 
 def reduce_gradients(d: Dist, params: Sequence[torch.nn.Parameter]) -> None:
@@ -188,7 +184,7 @@ def broadcast_params(d: Dist, params: Sequence[torch.Tensor]) -> None:
         return
     import torch.distributed as dist
 
-    flat = torch.cat([p.detach().reshape(-1).to(_comm_device(d), torch.float32) for p in params])
+    flat = torch.cat([p.detach().reshape(-1).to(d.device, torch.float32) for p in params])
     _collective(d, "broadcasting the initial adapter", lambda: dist.broadcast(flat, src=0))
     offset = 0
     for p in params:
