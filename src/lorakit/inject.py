@@ -11,11 +11,13 @@ import difflib
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TargetSpec
 from lorakit.errors import ConfigError, TargetNotFoundError
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear, link_siblings, supports_lora, unlink_siblings, wrap
+from lorakit.layers.data_init import loftq_base
 
 # Attention projections across common architectures; used when target_modules is None.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
@@ -167,8 +169,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
     """
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
+    loftq = config.init_lora_weights == "loftq"
     for path in targets:
         layer = model.get_submodule(path)
+        factors = None
+        if loftq:  # LoftQ swaps the full-precision base for NF4 codes it chose together with the factors
+            layer, *factors = loftq_base(layer, config.rank_for(path), config.loftq_config)
         if not isinstance(layer, LoraLayer):
             layer = wrap(layer)
             set_submodule(model, path, layer)
@@ -177,9 +183,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
             r=config.rank_for(path),
             lora_alpha=config.alpha_for(path),
             lora_dropout=config.lora_dropout,
-            init=config.init_lora_weights,
+            init=True if loftq else config.init_lora_weights,
             use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
         )
+        if factors:
+            _set_factors(layer, name, *factors)
     for path in saved:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
@@ -188,6 +197,15 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
         wrapper.add(name)
     link_siblings(model)  # q/k/v and gate/up may share one A matmul (lorakit.layers.fused)
     return targets
+
+
+@torch.no_grad()
+def _set_factors(layer: LoraLayer, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    layer.lora_A[name].weight.copy_(a)
+    layer.lora_B[name].weight.copy_(b)
+    if name in getattr(layer, "lora_magnitude_vector", {}):  # DoRA: m = ||W + s B A|| of the new factors
+        del layer.lora_magnitude_vector[name]
+        layer._init_dora(name)
 
 
 def unwrap_empty(model: nn.Module) -> None:

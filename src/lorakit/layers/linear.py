@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.errors import MergeError
+from lorakit.layers import dora
 from lorakit.layers.base import LoraLayer, kaiming_a
 from lorakit.layers.lora_function import lora_linear_delta
+from lorakit.ops.inits import is_data_init
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -31,6 +34,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 class LoraLinear(LoraLayer):
     """``y = base(x) + scaling * B(A(dropout(x)))`` with ``A: (r, in)``, ``B: (out, r)``.
 
+    A DoRA adapter (``use_dora``) also has a magnitude ``m: (out,)`` in ``lora_magnitude_vector`` and computes
+    ``y = m / ||W + s B A||_row * (W x + s B A x) + bias`` (see `lorakit.layers.dora`).
+
     Args:
         base_layer: The frozen ``nn.Linear`` or ``Conv1D``; kept as ``self.base_layer``, never copied.
         fan_in_fan_out: True when the base weight is stored (in, out); only the merge layout changes.
@@ -42,6 +48,10 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = linear_shape(base_layer)
         self.lora_A = nn.ModuleDict()  # adapter -> nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.ModuleDict()  # adapter -> nn.Linear(r, out_features, bias=False)
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only -> (out_features,)
+        self.initial_factors: dict[str, tuple[Tensor, Tensor]] = {}  # PiSSA/OLoRA (A0, B0), to save as plain LoRA
+
+    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
@@ -50,6 +60,11 @@ class LoraLinear(LoraLayer):
     @torch.no_grad()
     def _init_factors(self, name: str, init: bool | str) -> None:
         if init is False:  # both factors random (nn.Linear's init): not a no-op, for tests
+            return
+        if is_data_init(init):  # PiSSA / OLoRA: factors from the base weight, which keeps the residual
+            from lorakit.layers.data_init import init_from_base
+
+            init_from_base(self, name, init)
             return
         if init == "gaussian":
             nn.init.normal_(self.lora_A[name].weight, std=1.0 / self.r[name])
@@ -60,7 +75,35 @@ class LoraLinear(LoraLayer):
     @property
     def fusable_base(self) -> bool:
         """True when this layer may share its ``A`` matmul with siblings (see `lorakit.layers.fused`)."""
-        return isinstance(self.base_layer, nn.Linear) and not self.fan_in_fan_out
+        return isinstance(self.base_layer, nn.Linear) and not self.fan_in_fan_out and not self.lora_magnitude_vector
+
+    # ---- DoRA (lorakit.layers.dora holds the arithmetic) ----------------------------------------------------
+    def _init_dora(self, name: str) -> None:
+        dora.init_magnitude(self, name)
+
+    def is_dora(self, name: str) -> bool:
+        """True when adapter ``name`` is a DoRA adapter on this layer."""
+        return name in self.lora_magnitude_vector
+
+    def _merge_into(self, weight: Tensor, name: str) -> None:
+        if not self.is_dora(name):
+            return super()._merge_into(weight, name)
+        new, g = dora.merged_weight(self, name, weight)
+        if not torch.isfinite(new).all():
+            raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
+        self.__dict__.setdefault("_dora_merged_scale", {})[name] = g  # unmerge needs the norm of merge time
+        weight.copy_(new.to(weight.dtype))
+
+    def _unmerge_from(self, weight: Tensor, name: str) -> None:
+        if not self.is_dora(name):
+            return super()._unmerge_from(weight, name)
+        g = self.__dict__["_dora_merged_scale"].pop(name)
+        weight.copy_(dora.unmerged_weight(self, name, weight, g).to(weight.dtype))
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        self.initial_factors.pop(name, None)
+        self.__dict__.get("_dora_cache", {}).pop(name, None)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         group = self.__dict__.get("_sibling_group")  # set by lorakit.layers.fused.link_siblings
@@ -70,12 +113,24 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         return result + delta.to(result.dtype)
 
+    def routed_forward(self, result: Tensor, x: Tensor, route) -> Tensor:
+        """Per-row adapters where some rows are DoRA: ``g_row * (result - bias + delta) + bias`` (g = 1 for LoRA)."""
+        route.check_batch(x.shape[0])
+        plan = self._route_plan(route, x.device)
+        if plan is None:
+            return result
+        delta = self._routed(x, plan[0], plan[1], route).to(result.dtype)
+        g = dora.routed_scale(self, *plan)  # (batch, out) or None
+        return result + delta if g is None else dora.combine(result, delta, g, self.bias)
+
     def add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """Inference fast path: ``result += s * (x A^T) B^T`` as one matmul and one in-place ``addmm``.
 
         Taken only without autograd or autocast, with dropout inactive and one dtype throughout; the update
         then lands in the base layer's fresh output instead of costing a scale and an addition kernel more.
         """
+        if self.is_dora(name):
+            return dora.add(self, result, x, name)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         dropout = self.lora_dropout[name]
         if (
