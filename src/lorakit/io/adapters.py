@@ -16,6 +16,7 @@ from lorakit.errors import AdapterExistsError, FormatError, IncompatibleAdapterE
 from lorakit.io.checkpoint import read_adapter_dir, write_adapter_dir
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, from_peft_state, to_peft_state
 from lorakit.layers import LoraEmbedding, ModulesToSave, iter_lora_layers
+from lorakit.ops.inits import is_data_init
 from lorakit.state import adapter_state_dict, load_adapter_state_dict
 
 
@@ -95,6 +96,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     raw, file_state = read_adapter_dir(path)
     config = LoraConfig.from_dict(raw, source=str(Path(path) / CONFIG_NAME))
     config = dataclasses.replace(config, inference_mode=not trainable)
+    if is_data_init(config.init_lora_weights):  # the file holds the factors: never re-run PiSSA/OLoRA/LoftQ on the base
+        config = dataclasses.replace(config, init_lora_weights=True)
     try:
         add_adapter(model, config, name, activate=not active_adapters(model), trainable=trainable)
     except TargetNotFoundError as exc:

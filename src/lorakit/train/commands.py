@@ -52,7 +52,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         default = f.default
         kwargs: dict[str, Any] = {"default": None, "help": _HELP.get(f.name, f"(default: {default})")}
-        if isinstance(default, bool):
+        if f.name == "init_lora_weights":  # True/False or a name (pissa, olora, ...): not an on/off flag
+            kwargs["type"] = init_value
+            kwargs["help"] = "true | false | gaussian | pissa | pissa_niter_K | olora | loftq (default: true)"
+        elif isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "target_modules":
             kwargs["nargs"] = "+"
@@ -66,6 +69,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["help"] += f" (default: {default})"
         names = [_flag(f.name)] + _ALIASES.get(f.name, [])
         parser.add_argument(*names, dest=f.name, **kwargs)
+
+
+def init_value(text: str) -> bool | str:
+    """``--init-lora-weights`` value: "true"/"false" become booleans, other names stay strings."""
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def parse_target_modules(values: list[str] | None) -> Any:

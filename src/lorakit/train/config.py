@@ -34,6 +34,9 @@ class TrainConfig:
     lora_alpha: float | None = None  # None: 2 * r (32 at the default r=16)
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    use_rslora: bool = False  # scaling alpha / sqrt(r)
+    use_dora: bool = False  # DoRA: learned magnitude x normalised W + sBA
+    init_lora_weights: bool | str = True  # or gaussian | pissa | pissa_niter_K | olora | loftq (see LoraConfig)
     # optimization
     learning_rate: float = 2e-3
     loraplus_lr_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A
@@ -107,6 +110,12 @@ class TrainConfig:
             problems.append(f"quantize={self.quantize!r} (expected nf4, or unset for a full-precision base)")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision={self.precision!r} (expected auto, bf16 or fp32)")
+        try:  # the LoRA fields are LoraConfig's: its checks, its messages
+            from lorakit.config import LoraConfig
+
+            LoraConfig(use_rslora=self.use_rslora, use_dora=self.use_dora, init_lora_weights=self.init_lora_weights)
+        except ConfigError as e:
+            problems.append(str(e).removeprefix("Invalid LoraConfig: ").rstrip("."))
         if self.resume and self.overwrite:
             problems.append("resume=True with overwrite=True (pick one: continue the run or start over)")
         if problems:

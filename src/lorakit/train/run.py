@@ -65,6 +65,7 @@ def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
     targets = list(cfg.target_modules) if isinstance(cfg.target_modules, tuple) else cfg.target_modules
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.r
     return LoraConfig(r=cfg.r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=cfg.init_lora_weights,
                       task_type="CAUSAL_LM", base_model_name_or_path=cfg.model)  # fmt: skip
 
 
