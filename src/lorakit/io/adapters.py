@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +17,11 @@ from lorakit.errors import AdapterExistsError, FormatError, IncompatibleAdapterE
 from lorakit.io.checkpoint import read_adapter_dir, write_adapter_dir
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, from_peft_state, to_peft_state
 from lorakit.layers import LoraEmbedding, ModulesToSave, iter_lora_layers
+from lorakit.layers.data_init import as_plain_lora
 from lorakit.ops.inits import is_data_init
 from lorakit.state import adapter_state_dict, load_adapter_state_dict
+
+logger = logging.getLogger(__name__)
 
 
 def save_adapter(
@@ -25,16 +29,23 @@ def save_adapter(
     path: str | os.PathLike,
     name: str | Sequence[str] | None = "default",
     state_dict: dict[str, torch.Tensor] | None = None,
+    convert_to_lora: bool = False,
 ) -> None:
     """Write adapter ``name`` to the folder ``path`` in PEFT's format, atomically (file by file).
 
     Several names (or None for all) use PEFT's layout: "default" in ``path`` itself, the others in
     ``path/<name>/``. ``state_dict`` (one name only) writes those tensors, keyed as `adapter_state_dict` keys
     them, instead of the model's live ones: e.g. an adapter gathered from FSDP shards.
+
+    ``convert_to_lora`` (PiSSA / OLoRA adapters) writes the trained adapter as a plain LoRA adapter of rank 2r
+    relative to the *original* base weights, which then load it like any adapter (PEFT's
+    ``path_initial_model_for_weight_conversion``); the in-memory model is unchanged.
     """
     if isinstance(name, str):
-        _save_one(model, Path(path), name, state_dict)
+        _save_one(model, Path(path), name, state_dict, convert_to_lora)
         return
+    if convert_to_lora:
+        raise ValueError("save_adapter(convert_to_lora=True) converts one adapter; pass a single name.")
     if state_dict is not None:
         raise ValueError("save_adapter(state_dict=...) writes one adapter; pass a single name.")
     names = list_adapters(model) if name is None else list(name)
@@ -42,9 +53,15 @@ def save_adapter(
         _save_one(model, Path(path) if n == "default" else Path(path) / n, n)
 
 
-def _save_one(model: nn.Module, path: Path, name: str, state: dict[str, torch.Tensor] | None = None) -> None:
+def _save_one(
+    model: nn.Module, path: Path, name: str, state: dict[str, torch.Tensor] | None = None, convert: bool = False
+) -> None:
     config = get_config(model, name)
-    tensors = to_peft_state(adapter_state_dict(model, name, config.bias) if state is None else state, name)
+    state = adapter_state_dict(model, name, config.bias) if state is None else state
+    if convert:
+        layers = [(p, layer) for p, layer in iter_lora_layers(model) if name in layer.r]
+        state, config = as_plain_lora(layers, name, state, config)
+    tensors = to_peft_state(state, name)
     write_adapter_dir(path, dataclasses.replace(config, inference_mode=True).to_dict(), tensors)
 
 
@@ -97,6 +114,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     config = LoraConfig.from_dict(raw, source=str(Path(path) / CONFIG_NAME))
     config = dataclasses.replace(config, inference_mode=not trainable)
     if is_data_init(config.init_lora_weights):  # the file holds the factors: never re-run PiSSA/OLoRA/LoftQ on the base
+        logger.warning(
+            "adapter %s was made with init_lora_weights=%r: it fits the residual base of that run (for the original "
+            "base, save it with save_adapter(..., convert_to_lora=True))",
+            path,
+            config.init_lora_weights,
+        )
         config = dataclasses.replace(config, init_lora_weights=True)
     try:
         add_adapter(model, config, name, activate=not active_adapters(model), trainable=trainable)

@@ -74,3 +74,48 @@ def loftq_base(
     )
     nf4 = NF4Linear(q, module.bias, double_quant=False, compute_dtype=module.weight.dtype)
     return nf4.train(module.training), a, b
+
+
+def as_plain_lora(layers, name: str, state: dict[str, torch.Tensor], config):
+    """Adapter ``name`` of a PiSSA/OLoRA run rewritten as a plain LoRA adapter of the *original* base.
+
+    With ``W = W_res + s B0 A0`` (the init) and ``W_res + s B A`` after training, the update relative to ``W`` is
+    ``s (B A - B0 A0) = s [B | -B0] [A ; A0]``: rank ``2r``, and alpha doubled (``sqrt(2)`` times with rsLoRA)
+    so the scale stays ``s`` (PEFT's ``path_initial_model_for_weight_conversion`` gives the same tensors).
+
+    Args:
+        layers: ``(path, layer)`` pairs of the LoRA layers holding ``name``.
+        name: The adapter.
+        state: Its tensors keyed as `lorakit.adapter_state_dict` keys them (not modified).
+        config: Its `LoraConfig`.
+
+    Returns:
+        ``(state, config)`` of the plain adapter.
+    """
+    import dataclasses
+    import math
+
+    init = str(config.init_lora_weights)
+    if config.use_dora or not (init == "olora" or init.startswith("pissa")):
+        raise ConfigError(
+            f"convert_to_lora applies to adapters initialised with init_lora_weights='pissa'/'olora' (without DoRA); "
+            f"adapter {name!r} has init_lora_weights={config.init_lora_weights!r}, use_dora={config.use_dora}"
+        )
+    out = dict(state)
+    for path, layer in layers:
+        if name not in layer.initial_factors:
+            raise ConfigError(f"{path}: adapter {name!r} has no recorded initial factors (was it loaded from a file?)")
+        a0, b0 = layer.initial_factors[name]
+        ka, kb = f"{path}.lora_A.{name}.weight", f"{path}.lora_B.{name}.weight"
+        out[ka] = torch.cat([state[ka].detach(), a0.to(state[ka].dtype)], dim=0)  # (2r, in)
+        out[kb] = torch.cat([state[kb].detach(), -b0.to(state[kb].dtype)], dim=1)  # (out, 2r)
+    factor = math.sqrt(2) if config.use_rslora else 2
+    config = dataclasses.replace(
+        config,
+        r=2 * config.r,
+        lora_alpha=config.lora_alpha * factor,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * factor for k, v in config.alpha_pattern.items()},
+        init_lora_weights=True,
+    )
+    return out, config

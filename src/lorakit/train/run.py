@@ -262,8 +262,9 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
         )
         return result
     final = dist.full_state(adapter_state_dict(model, ADAPTER))
-    if d.is_main:
-        save_adapter(model, out, ADAPTER, state_dict=final)
+    if d.is_main:  # PiSSA / OLoRA: written relative to the original base, which is what users load it on
+        convert = cfg.init_lora_weights == "olora" or str(cfg.init_lora_weights).startswith("pissa")
+        save_adapter(model, out, ADAPTER, state_dict=final, convert_to_lora=convert)
     dist.barrier(d, "waiting for rank 0 to write the adapter")
     result.adapter_bytes = sum(f.stat().st_size for f in out.glob("adapter_*") if f.is_file())
     logger.info("evaluating the adapter ...")
