@@ -10,6 +10,7 @@ from lorakit.errors import MergeError
 from lorakit.layers import dora
 from lorakit.layers.base import LoraLayer, kaiming_a
 from lorakit.layers.lora_function import lora_linear_delta
+from lorakit.layers.routed import route_plan, routed_delta, routed_dropout, row_factors
 from lorakit.ops.inits import is_data_init
 
 
@@ -72,11 +73,6 @@ class LoraLinear(LoraLayer):
             kaiming_a(self.lora_A[name].weight)
         nn.init.zeros_(self.lora_B[name].weight)  # B = 0: a fresh adapter is a no-op
 
-    @property
-    def fusable_base(self) -> bool:
-        """True when this layer may share its ``A`` matmul with siblings (see `lorakit.layers.fused`)."""
-        return isinstance(self.base_layer, nn.Linear) and not self.fan_in_fan_out and not self.lora_magnitude_vector
-
     # ---- DoRA (lorakit.layers.dora holds the arithmetic) ----------------------------------------------------
     def _init_dora(self, name: str) -> None:
         dora.init_magnitude(self, name)
@@ -105,29 +101,21 @@ class LoraLinear(LoraLayer):
         self.initial_factors.pop(name, None)
         self.__dict__.get("_dora_cache", {}).pop(name, None)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        group = self.__dict__.get("_sibling_group")  # set by lorakit.layers.fused.link_siblings
-        delta = None if group is None else group.delta(self, x)
-        if delta is None:
-            return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        return result + delta.to(result.dtype)
-
     def routed_forward(self, result: Tensor, x: Tensor, route) -> Tensor:
         """Per-row adapters where some rows are DoRA: ``g_row * (result - bias + delta) + bias`` (g = 1 for LoRA)."""
-        route.check_batch(x.shape[0])
-        plan = self._route_plan(route, x.device)
-        if plan is None:
+        delta = routed_delta(self, x, route)  # checks the batch and builds the plan
+        if delta is None:
             return result
-        delta = self._routed(x, plan[0], plan[1], route).to(result.dtype)
-        g = dora.routed_scale(self, *plan)  # (batch, out) or None
+        g = dora.routed_scale(self, *route_plan(self, route, x.device))  # (batch, out) or None
+        delta = delta.to(result.dtype)
         return result + delta if g is None else dora.combine(result, delta, g, self.bias)
 
-    def add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
-        """Inference fast path: ``result += s * (x A^T) B^T`` as one matmul and one in-place ``addmm``.
+    def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """``result + scaling * B(A(dropout(x)))``; see `lora_forward` for the training path.
 
-        Taken only without autograd or autocast, with dropout inactive and one dtype throughout; the update
-        then lands in the base layer's fresh output instead of costing a scale and an addition kernel more.
+        Inference fast path: ``result += s * (x A^T) B^T`` as one matmul and one in-place ``addmm``, taken only
+        without autograd or autocast, with dropout inactive and one dtype throughout; the update then lands in
+        the base layer's fresh output instead of costing a scale and an addition kernel more.
         """
         if self.is_dora(name):
             return dora.add(self, result, x, name)
@@ -141,7 +129,7 @@ class LoraLinear(LoraLayer):
             or not result.is_contiguous()
             or result.shape[-1] != b.shape[0]
         ):
-            return super().add_lora(result, x, name)
+            return result + self.lora_forward(x, name).to(result.dtype)
         h = F.linear(x, a).reshape(-1, a.shape[0])  # (n, r)
         result.view(-1, b.shape[0]).addmm_(h, b.t(), alpha=self.scaling[name])
         return result
@@ -155,10 +143,10 @@ class LoraLinear(LoraLayer):
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
 
-    def _routed(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
+    def routed_update(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
         """BGMV-style: gather each row's stacked factors and apply them with two batched matmuls."""
-        a_rows, b_rows = self.row_factors(names, idx, route)  # (batch, in, R), (batch, R, out)
-        x = self.routed_dropout(x, names, idx)
+        a_rows, b_rows = row_factors(self, names, idx, route)  # (batch, in, R), (batch, R, out)
+        x = routed_dropout(self, x, names, idx)
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (batch, tokens, in)
         h = torch.bmm(flat, a_rows)  # (batch, tokens, R)
         return torch.bmm(h, b_rows).reshape(*x.shape[:-1], -1)  # (..., out)
