@@ -78,8 +78,8 @@ def score_checkpoints(model, tokenizer, run_dir: Path, steps: list[int], eval_fi
 
     from lorakit.io.peft_format import from_peft_state
     from lorakit.state import adapter_state_dict, load_adapter_state_dict
-    from lorakit.train.data import read_jsonl
-    from lorakit.train.evaluate import generation_eval
+    from lorakit.training.data import read_jsonl
+    from lorakit.training.evaluate import generation_eval
 
     rows, out = read_jsonl(eval_file), {}
     expected = list(adapter_state_dict(model, "default"))
@@ -93,7 +93,7 @@ def score_checkpoints(model, tokenizer, run_dir: Path, steps: list[int], eval_fi
 
 
 def one_run(base, tokenizer, task: dict, variant: str, seed: int, steps: int, tmp: Path) -> dict:
-    from lorakit.train.run import run_training
+    from lorakit.training.run import run_training
 
     run_dir = tmp / f"{variant}-{seed}-{time.monotonic_ns()}"
     model = copy.deepcopy(base)
