@@ -92,16 +92,16 @@ def score_checkpoints(model, tokenizer, run_dir: Path, steps: list[int], eval_fi
     return out
 
 
-def one_run(base, tokenizer, task: dict, variant: str, seed: int, steps: int, tmp: Path) -> dict:
+def one_run(base, tokenizer, task: dict, variant: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
     from lorakit.training.run import run_training
 
     run_dir = tmp / f"{variant}-{seed}-{time.monotonic_ns()}"
     model = copy.deepcopy(base)
     overrides = {k: v for k, v in task.items() if k != "config"}
+    marks = [m for m in args.marks if m <= args.steps]
     result = run_training(task["config"], model=model, tokenizer=tokenizer, output_dir=str(run_dir), seed=seed,
-                          max_steps=steps, save_steps=20, save_total_limit=10, eval_generate=False, progress=False,
-                          **overrides, **VARIANTS[variant])  # fmt: skip
-    marks = [s for s in (20, 40, 80) if s <= steps]
+                          max_steps=args.steps, save_steps=min(marks), save_total_limit=100, eval_generate=False,
+                          progress=False, batch_size=args.batch_size, **overrides, **VARIANTS[variant])  # fmt: skip
     em = score_checkpoints(model, tokenizer, run_dir, marks, task["eval_data"])
     return {"exact_match": em, "step_seconds": round(result.train_seconds / result.steps, 3),
             "final_loss": result.final_loss, "eval_loss_after": result.after.get("eval_loss")}  # fmt: skip
@@ -112,6 +112,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--eval-rows", type=int, default=40)
+    parser.add_argument(
+        "--marks", type=int, nargs="+", default=[20, 40, 80], help="steps scored (multiples of the 1st)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step (the main job uses 8)")
     parser.add_argument("--tasks", nargs="+", default=["json_extraction", "dates_iso"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
@@ -123,7 +127,8 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, shared with other jobs (step times are noisy)",
-        "model": "smollm2-135m-instruct", "steps": args.steps, "eval_rows": args.eval_rows, "seeds": args.seeds,
+        "model": "smollm2-135m-instruct", "steps": args.steps,
+        "batch_size": args.batch_size, "eval_rows": args.eval_rows, "seeds": args.seeds,
         "variants": {k: v for k, v in VARIANTS.items() if k in args.variants}, "runs": [],
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -134,7 +139,7 @@ def main() -> None:
                 for variant in args.variants:
                     t0 = time.perf_counter()
                     try:
-                        row = one_run(base, tokenizer, all_tasks[task], variant, seed, args.steps, tmp)
+                        row = one_run(base, tokenizer, all_tasks[task], variant, seed, args, tmp)
                     except Exception as exc:  # e.g. a diverging variant (NaN): record it, keep sweeping
                         row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     row.update(task=task, variant=variant, seed=seed, wall_seconds=round(time.perf_counter() - t0, 1))
