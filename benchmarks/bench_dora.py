@@ -132,12 +132,15 @@ def main() -> None:
             step(models[lib], ids)
             times[lib].append(time.perf_counter() - t0)
     ratios = [a / b for a, b in zip(times["lorakit"], times["peft"])]
+    print("step times", times, flush=True)
     saved = {lib: saved_bytes(m, ids) for lib, m in models.items()}
+    print("saved bytes", saved, flush=True)
     rss: dict[str, list[int]] = {"lorakit": [], "peft": []}
     for i in range(args.rss_repeats):
         for lib in ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit"):
             cmd = [sys.executable, __file__, "--worker", lib, "--batch", str(args.batch), "--seq", str(args.seq)]
             rss[lib].append(json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])["growth"])
+            print("rss", lib, rss[lib][-1], flush=True)
     mib = 2**20
     result = {
         "command": "python benchmarks/bench_dora.py " + " ".join(sys.argv[1:]),
