@@ -180,6 +180,31 @@ def test_dora_on_the_nf4_base_equals_dora_on_the_dequantized_base(tiny_llama) ->
     assert all(p.grad is not None for p in lorakit.adapter_state_dict(quantized, "default").values())
 
 
+def test_merge_quantized_applies_the_dora_formula(tiny_llama) -> None:
+    model = lorakit.quantize(copy.deepcopy(tiny_llama))
+    lorakit.add_adapter(model, LoraConfig(**DORA))
+    _perturb(model, lorakit.adapter_state_dict(model, "default").items(), seed=6)
+    ids = _ids()
+    expected = model(ids).logits
+    merged, _ = lorakit.merge_quantized(model, mode="dequant")
+    torch.testing.assert_close(merged(ids).logits, expected, atol=ATOL, rtol=0)
+
+
+def test_train_flags_reach_the_lora_config() -> None:
+    import argparse
+
+    from lorakit.cli.options import add_train_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--use-dora", "--use-rslora", "--init-lora-weights", "pissa_niter_4"])
+    cfg = config_from_args(args)
+    assert (cfg.use_dora, cfg.use_rslora, cfg.init_lora_weights) == (True, True, "pissa_niter_4")
+    assert config_from_args(parser.parse_args(["--init-lora-weights", "false"])).init_lora_weights is False
+    with pytest.raises(ConfigError, match="pissa_niter_<iterations>"):
+        config_from_args(parser.parse_args(["--init-lora-weights", "pissa_niter_x"]))
+
+
 def test_dora_on_embeddings_is_refused_with_the_fix(tiny_llama) -> None:
     with pytest.raises(ConfigError, match="linear layers"):
         lorakit.add_adapter(tiny_llama, LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True))
