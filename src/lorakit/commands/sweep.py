@@ -27,6 +27,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="what 'best' means (default: exact_match with generation eval, else eval_loss)",
     )
+    grid.add_argument(
+        "--variants",
+        nargs="+",
+        default=["lora"],
+        choices=["lora", "rslora", "dora", "pissa", "olora", "lora+"],
+        help="LoRA variants to compare on every config (default: lora)",
+    )
     grid.add_argument("--tolerance", type=float, default=0.01, help="'within one point' of the best (default 0.01)")
 
 
@@ -36,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     base = config_from_args(args)
     base.require_paths()
-    result = run_sweep(base, base.output_dir, args.ranks, args.alphas, args.target_sets, args.metric, args.tolerance)
+    result = run_sweep(
+        base, base.output_dir, args.ranks, args.alphas, args.target_sets, args.metric, args.tolerance, args.variants
+    )
     print((result.output_dir / "sweep.md").read_text())
     print(f"best: {result.best}; cheapest within {args.tolerance:g} of it: {result.cheapest}")
     print("wrote " + ", ".join(str(f) for f in result.files))
