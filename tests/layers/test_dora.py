@@ -209,3 +209,24 @@ def test_dora_on_embeddings_is_refused_with_the_fix(tiny_llama) -> None:
     with pytest.raises(ConfigError, match="linear layers"):
         lorakit.add_adapter(tiny_llama, LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True))
     assert lorakit.list_adapters(tiny_llama) == []
+
+
+def test_default_model_dora_logits_equal_peft_both_ways(default_model, default_model_dir, tmp_path) -> None:
+    """The embedded SmolLM2-135M-Instruct with DoRA on q/k/v/o: PEFT's adapter here, ours in PEFT."""
+    from lorakit.models import load_model
+
+    model, tokenizer = default_model
+    ids = tokenizer(["Turn this into JSON: Alice, 31, Paris."], return_tensors="pt").input_ids
+    cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True)
+    peft_model = get_peft_model(load_model(default_model_dir)[0], PeftLoraConfig(**cfg)).eval()
+    _perturb(peft_model, [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n], seed=9)
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "theirs")
+    lorakit.load_adapter(model, tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, theirs, atol=ATOL, rtol=0)
+    lorakit.save_adapter(model, tmp_path / "ours")
+    again = PeftModel.from_pretrained(load_model(default_model_dir)[0], tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs, atol=ATOL, rtol=0)
