@@ -24,15 +24,15 @@ def _ids(shape=(2, 10)) -> torch.Tensor:
     return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(3))
 
 
-def _perturb(model: nn.Module, params, seed: int = 1) -> None:
+def _perturb(model: nn.Module, params, seed: int = 1, scale: float = 0.2) -> None:
     """Non-zero B and a magnitude away from its init, so DoRA's every term shows in the outputs."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in params:
             if "magnitude" in n:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+                p.mul_(1 + scale * torch.randn(p.shape, generator=gen))
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def _peft_dora(base: nn.Module, **overrides) -> nn.Module:
@@ -219,7 +219,8 @@ def test_default_model_dora_logits_equal_peft_both_ways(default_model, default_m
     ids = tokenizer(["Turn this into JSON: Alice, 31, Paris."], return_tensors="pt").input_ids
     cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True)
     peft_model = get_peft_model(load_model(default_model_dir)[0], PeftLoraConfig(**cfg)).eval()
-    _perturb(peft_model, [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n], seed=9)
+    # trained-adapter sized changes (30 layers amplify rounding differences of a wildly perturbed model)
+    _perturb(peft_model, [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n], seed=9, scale=0.02)
     with torch.no_grad():
         theirs = peft_model(ids).logits
     peft_model.save_pretrained(tmp_path / "theirs")
