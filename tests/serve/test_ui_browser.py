@@ -1,0 +1,195 @@
+"""The web page in a real browser (Debian's chromium driven by Playwright) against a real server on loopback.
+
+Set ``LORAKIT_SCREENSHOTS=DIR`` to also save a screenshot of each view there (``python scripts/screenshots.py``
+writes the README's, ``docs/*.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import running_server, slow_down
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+from train_helpers import make_char_tokenizer, make_tiny_llama, pc_rows, write_jsonl  # noqa: E402
+
+from lorakit.io.arith import inspect_adapter  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]  # fmt: skip
+SHOTS = os.environ.get("LORAKIT_SCREENSHOTS")
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"{CHROMIUM} is missing: `bash scripts/setup.sh` installs Debian's chromium (apt-get install chromium)"
+        )
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.errors = []
+    pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    context.close()
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
+
+def api_answer(url: str, model: str, prompt: str, max_tokens: int) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+
+def test_compare_streams_the_api_answers_side_by_side(page, tiny_serve_dir, adapters_dir, tmp_path):
+    with running_server(tiny_serve_dir, adapters_dir) as (url, _):
+        page.goto(url + "/")
+        page.wait_for_selector("#model-list input")
+        picked = page.eval_on_selector_all("#model-list input:checked", "els => els.map(e => e.value)")
+        assert picked == ["tiny", "a0", "a1"]  # the base and the first two adapters
+        page.fill("#max-tokens", "12")
+        page.fill("#prompt", "Once upon a time")
+        page.press("#prompt", "Enter")
+        for model in picked:
+            page.wait_for_selector(f".column[data-model={model}] .answer[data-state=done]")
+        shown = {m: page.text_content(f".column[data-model={m}] .answer") for m in picked}
+        want = {m: api_answer(url, m, "Once upon a time", 12) for m in picked}
+        assert shown == want and len(set(shown.values())) == 3, shown
+        stats = page.text_content(".column[data-model=a1] .stats")
+        assert "tokens/s" in stats and stats.startswith("12 tokens"), stats
+
+        page.check("#diff-toggle")
+        assert page.locator(".column[data-model=a0] mark").count() > 0
+        assert page.text_content(".column[data-model=a0] .answer") == want["a0"]  # marks change no text
+        shot(page, "compare")
+
+        page.click(".column[data-model=a1] button:has-text('Copy Python')")
+        code = page.evaluate("navigator.clipboard.readText()")
+        script = tmp_path / "snippet.py"
+        script.write_text(code)
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout == want["a1"] + "\n", out.stderr
+        assert page.errors == []
+
+
+def test_a_broken_adapter_is_said_in_words(page, tiny_serve_dir, fresh_adapters):
+    (fresh_adapters / "a3" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with running_server(tiny_serve_dir, fresh_adapters) as (url, _):
+        page.goto(url + "/")
+        page.wait_for_selector("#model-list input")
+        page.uncheck("#model-list input[value=a1]")
+        page.check("#model-list input[value=a3]")
+        page.fill("#max-tokens", "4")
+        page.fill("#prompt", "Hello")
+        page.click("#send")
+        page.wait_for_selector(".column[data-model=a3] .answer[data-state=error]")
+        assert "a3" in page.text_content(".column[data-model=a3] .answer")
+        page.wait_for_selector(".column[data-model=a0] .answer[data-state=done]")
+        assert "1 of 3 answers failed" in page.text_content("#compare-status")
+
+
+def test_adapter_view_draws_the_spectrum(page, tiny_serve_dir, adapters_dir):
+    report = inspect_adapter(adapters_dir / "a1")
+    with running_server(tiny_serve_dir, adapters_dir) as (url, _):
+        page.goto(url + "/#adapters")
+        lines = page.locator("[data-adapter=a1] .spectrum svg path[data-series]")
+        lines.first.wait_for()
+        assert lines.count() == len(report.layers)
+        eff = sorted(s.effective_rank_90 for s in report.layers)[len(report.layers) // 2]
+        assert f"median effective rank (90% energy) {eff}" in page.text_content("[data-adapter=a1] .spectrum-summary")
+        card = page.text_content("[data-adapter=a1] dl")
+        assert "Rank r8" in card and "all-linear" in card
+        page.click("[data-adapter=a0] button:has-text('Load')")
+        page.wait_for_selector("[data-adapter=a0] .badge.loaded")
+        shot(page, "adapters")
+        assert page.errors == []
+
+
+R8_POINTS = "Number(document.querySelector('#chart-loss path[data-series=r8]')?.dataset.points)"
+
+
+def metric_points(page, series: str) -> int:
+    return int(page.get_attribute(f"#chart-loss path[data-series='{series}']", "data-points") or 0)
+
+
+def test_runs_view_grows_while_a_run_trains(page, tiny_serve_dir, tmp_path):
+    from lorakit.train import run_training
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    data = write_jsonl(tmp_path / "data.jsonl", pc_rows(48))
+    model = make_tiny_llama()
+    spec = {"data": str(data), "output_dir": str(runs / "r8"), "max_steps": 30, "logging_steps": 1, "eval_steps": 10,
+            "batch_size": 8, "learning_rate": 1e-2, "progress": False, "precision": "fp32", "eval_generate": False,
+            "r": 8, "lora_alpha": 16}  # fmt: skip
+    with running_server(tiny_serve_dir) as (url, state):
+        state.runs_dir = runs
+        page.goto(url + "/?poll=150#runs")
+        page.wait_for_selector("#runs-empty")
+        assert "No training runs in" in page.text_content("#runs-empty")
+        run_training(
+            {**spec, "output_dir": str(runs / "r4"), "max_steps": 10, "r": 4, "lora_alpha": 8},
+            model=make_tiny_llama(),
+            tokenizer=make_char_tokenizer(),
+        )  # a finished run of the sweep
+        page.wait_for_selector("#chart-loss path[data-series=r4]")
+        slow_down(model, 0.03)  # a real run, slowed so that the page sees it part-way
+        done: list = []
+        trainer = threading.Thread(
+            target=lambda: done.append(run_training(spec, model=model, tokenizer=make_char_tokenizer()))
+        )
+        trainer.start()
+        try:
+            page.wait_for_function(
+                "Number(document.querySelector('#chart-loss path[data-series=r8]')?.dataset.points) >= 2"
+            )
+            early = metric_points(page, "r8")
+            page.wait_for_function(
+                f"Number(document.querySelector('#chart-loss path[data-series=r8]').dataset.points) > {early}"
+            )
+        finally:
+            trainer.join(300)
+        assert done and done[0].status == "completed" and early < 30
+        records = [json.loads(x) for x in (runs / "r8" / "metrics.jsonl").read_text().splitlines()]
+        want = sum("loss" in r for r in records)
+        page.wait_for_function(
+            f"Number(document.querySelector('#chart-loss path[data-series=r8]').dataset.points) === {want}"
+        )
+        assert want == 30 and metric_points(page, "r8 (eval)") == 3  # eval_steps=10
+        page.wait_for_selector("#eval-table tr:has(th:text-is('r8')) td:has-text('finished')")
+        cell = page.text_content("#eval-table tr:has(th:text-is('r8')) td.num")
+        before, after = (float(x) for x in cell.split(" → "))
+        assert before == pytest.approx(done[0].before["eval_loss"], rel=1e-3)
+        assert after == pytest.approx(done[0].after["eval_loss"], rel=1e-3)
+        differing = page.eval_on_selector_all("#config-table tr.differs th", "els => els.map(e => e.textContent)")
+        assert {"r", "lora_alpha", "max_steps", "output_dir"} <= set(differing), differing
+        shot(page, "runs")
+        page.set_viewport_size({"width": 390, "height": 800})
+        shot(page, "runs-phone")
+        assert page.errors == []
