@@ -147,3 +147,16 @@ def test_a_missing_runs_folder_is_one_error_line(argv):
     proc = subprocess.run([sys.executable, "-m", "lorakit", *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("lorakit: error:") and "/no/such/folder" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_page_file_is_declared_as_package_data():
+    """The wheel carries the page only if pyproject's package-data globs cover every file of static/."""
+    import fnmatch
+
+    import lorakit.serve
+
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    globs = re.findall(r'"(static/[^"]+)"', re.search(r'"lorakit\.serve" = \[(.*?)\]', text).group(1))
+    static = Path(lorakit.serve.__file__).parent / "static"
+    names = [p.relative_to(static.parent).as_posix() for p in static.iterdir()]
+    assert names and all(any(fnmatch.fnmatch(n, g) for g in globs) for n in names), (names, globs)

@@ -97,6 +97,7 @@
 
   LK.views.adapters = {
     init() {
+      this.loaded = false;  // (re)connected, perhaps with another key: load the cards again when shown
       if (this.ready) return;
       this.ready = true;
       $("adapters-refresh").addEventListener("click", () => refresh());

@@ -214,9 +214,10 @@
 
   LK.views.compare = {
     init(info) {
-      if (!info.base || this.ready) return;
-      this.ready = true;
+      if (!info.base) return;
       loadModels();
+      if (this.ready) return;
+      this.ready = true;
       $("compare-form").addEventListener("submit", send);
       $("prompt").addEventListener("keydown", (e) => {
         if (e.key === "Enter" && !e.shiftKey && !e.isComposing) send(e);
