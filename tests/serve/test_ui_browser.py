@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from safetensors.torch import load_file
 from serve_helpers import running_server, slow_down
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
@@ -124,7 +125,8 @@ def test_adapter_view_draws_the_spectrum(page, tiny_serve_dir, adapters_dir):
         eff = sorted(s.effective_rank_90 for s in report.layers)[len(report.layers) // 2]
         assert f"median effective rank (90% energy) {eff}" in page.text_content("[data-adapter=a1] .spectrum-summary")
         card = page.text_content("[data-adapter=a1] dl")
-        assert "Rank r8" in card and "all-linear" in card
+        params = sum(t.numel() for t in load_file(adapters_dir / "a1" / "adapter_model.safetensors").values())
+        assert "Rank r8" in card and "down_proj, gate_proj, k_proj" in card and f"parameters{params:,}" in card
         page.click("[data-adapter=a0] button:has-text('Load')")
         page.wait_for_selector("[data-adapter=a0] .badge.loaded")
         shot(page, "adapters")
@@ -192,4 +194,41 @@ def test_runs_view_grows_while_a_run_trains(page, tiny_serve_dir, tmp_path):
         shot(page, "runs")
         page.set_viewport_size({"width": 390, "height": 800})
         shot(page, "runs-phone")
+        assert page.errors == []
+
+
+def test_chat_with_a_key_entered_once_and_keyboard_tabs(page, tiny_serve_dir, adapters_dir):
+    with running_server(tiny_serve_dir, adapters_dir) as (url, _):
+        sent: list = []
+        page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"))) if "/v1/" in r.url else None)
+        page.goto(url + "/")
+        page.click("#keys summary")
+        page.fill("#api-key", "k-123")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#model-list input")
+        page.uncheck("#model-list input[value=a1]")
+        page.check("input[name=mode][value=chat]")
+        page.fill("#max-tokens", "8")
+        page.fill("#prompt", "Hi there")
+        page.press("#prompt", "Enter")
+        for model in ("tiny", "a0"):
+            page.wait_for_selector(f".column[data-model={model}] .answer[data-state=done]")
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": "Hi there"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            }
+            want = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
+            assert page.text_content(f".column[data-model={model}] .answer") == want["content"]
+            assert "You" in page.text_content(f".column[data-model={model}] .turns")
+        assert page.input_value("#prompt") == ""  # ready for the next turn
+        assert sent and all(auth == "Bearer k-123" for _, auth in sent[-3:]), sent
+        page.reload()  # the key is remembered by this browser
+        page.wait_for_selector("#model-list input")
+        assert sent[-1][1] == "Bearer k-123"
+        page.focus("#tab-compare")
+        page.keyboard.press("ArrowRight")
+        assert page.get_attribute("#tab-adapters", "aria-selected") == "true" and page.is_visible("#view-adapters")
+        assert page.evaluate("document.activeElement.id") == "tab-adapters"
         assert page.errors == []

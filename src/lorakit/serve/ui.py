@@ -51,7 +51,11 @@ def register_ui(app: Any, state: Any = None, runs_dir: str | Path | None = None)
     from fastapi.responses import Response
 
     files = static_files()
-    runs_root = Path(runs_dir) if runs_dir is not None else getattr(state, "runs_dir", None)
+
+    def runs_root() -> Path | None:  # read per request: the server may set state.runs_dir after building the app
+        root = runs_dir if runs_dir is not None else getattr(state, "runs_dir", None)
+        return Path(root) if root is not None else None
+
     spectra = SpectrumCache()
 
     def asset(name: str) -> Response:
@@ -76,7 +80,7 @@ def register_ui(app: Any, state: Any = None, runs_dir: str | Path | None = None)
             "base": state.base_name if serving else None,
             "merged": state.merged if serving else None,
             "adapters": serving and state.registry is not None,
-            "runs": str(runs_root) if runs_root is not None else None,
+            "runs": str(runs_root()) if runs_root() is not None else None,
         }
 
     @app.get("/v1/ui/adapters")
@@ -95,14 +99,14 @@ def register_ui(app: Any, state: Any = None, runs_dir: str | Path | None = None)
 
     @app.get("/v1/ui/runs")
     async def runs():
-        root = _runs_root(runs_root)
+        root = _runs_root(runs_root())
         found = await asyncio.to_thread(find_runs, root)
         data = await asyncio.to_thread(lambda: [run_summary(n, p) for n, p in found.items()])
         return {"root": str(root), "data": data}
 
     @app.get("/v1/ui/runs/metrics")
     async def metrics(run: str, offset: int = 0):
-        root = _runs_root(runs_root)
+        root = _runs_root(runs_root())
         found = await asyncio.to_thread(find_runs, root)
         if run not in found:
             raise ApiError(404, f"no run {run!r} in {str(root)!r}; runs: {sorted(found)[:20]}", param="run")

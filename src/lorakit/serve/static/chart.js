@@ -2,7 +2,7 @@
 "use strict";
 (function () {
   const NS = "http://www.w3.org/2000/svg";
-  const W = 640, H = 260, M = {left: 58, right: 12, top: 10, bottom: 34};
+  const W = 440, H = 250, M = {left: 68, right: 12, top: 12, bottom: 36};
   LK.colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 
   function svg(tag, attrs, text) {
@@ -50,7 +50,8 @@
       box.append(svg("line", {class: "axis", x1: M.left, x2: W - M.right, y1: sy(t), y2: sy(t)}));
       box.append(svg("text", {x: M.left - 6, y: sy(t) + 4, "text-anchor": "end"}, LK.fmt(t, 3)));
     }
-    for (const t of ticks(x0, x1, 6)) {
+    const xInt = pts.every((p) => Number.isInteger(p[0]));
+    for (const t of ticks(x0, x1, 5).filter((v) => !xInt || Number.isInteger(v))) {
       box.append(svg("text", {x: sx(t), y: H - M.bottom + 16, "text-anchor": "middle"}, LK.fmt(t, 3)));
     }
     box.append(svg("text", {x: (W + M.left) / 2, y: H - 4, "text-anchor": "middle"}, xLabel || ""));
