@@ -16,7 +16,7 @@ from conftest import ADAPTER_CONFIGS
 from safetensors.torch import load_file
 from serve_helpers import running_server
 
-from lorakit.io.arith import inspect_adapter
+from lorakit.arith import inspect_adapter
 from lorakit.serve.runs import find_runs, read_metrics
 from lorakit.serve.ui import is_public_path, static_files
 

@@ -17,11 +17,9 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 from serve_helpers import running_server, slow_down
+from train_helpers import make_char_tokenizer, make_tiny_llama, pc_rows, write_jsonl
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-from train_helpers import make_char_tokenizer, make_tiny_llama, pc_rows, write_jsonl  # noqa: E402
-
-from lorakit.io.arith import inspect_adapter  # noqa: E402
+from lorakit.arith import inspect_adapter
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -141,7 +139,7 @@ def metric_points(page, series: str) -> int:
 
 
 def test_runs_view_grows_while_a_run_trains(page, tiny_serve_dir, tmp_path):
-    from lorakit.train import run_training
+    from lorakit.training import run_training
 
     runs = tmp_path / "runs"
     runs.mkdir()

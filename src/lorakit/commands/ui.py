@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+HELP = "the web page's runs view alone: training curves, eval tables, configs"
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", metavar="RUNS_DIR", help="folder of training runs (or one run, or a sweep folder)")

@@ -2,7 +2,7 @@
 
 A card is the adapter's config (base model, rank, alpha, targets), its size on disk, its parameter count (from
 the safetensors header: no tensor is read) and its model card (``README.md``) when the folder has one. The
-singular-value spectrum comes from `lorakit.io.arith.inspect_adapter`, cached per folder state, since an SVD per
+singular-value spectrum comes from `lorakit.arith.inspect_adapter`, cached per folder state, since an SVD per
 layer is the only costly part.
 """
 
@@ -95,7 +95,7 @@ class SpectrumCache:
         Raises:
             FormatError: the folder is missing or corrupt.
         """
-        from lorakit.io.arith import inspect_adapter
+        from lorakit.arith import inspect_adapter
 
         key = _signature(folder)
         with self._lock:
