@@ -230,3 +230,33 @@ def test_chat_with_a_key_entered_once_and_keyboard_tabs(page, tiny_serve_dir, ad
         assert page.get_attribute("#tab-adapters", "aria-selected") == "true" and page.is_visible("#view-adapters")
         assert page.evaluate("document.activeElement.id") == "tab-adapters"
         assert page.errors == []
+
+
+def test_the_page_asks_for_a_key_and_says_what_a_key_may_not_do(page, tiny_serve_dir, fresh_adapters):
+    """With API keys (issue #11's `lorakit.serve.auth`): the page loads without one, asks for one, works with one."""
+    auth = pytest.importorskip("lorakit.serve.auth", reason="API keys arrive with issue #11")
+    with running_server(
+        tiny_serve_dir, fresh_adapters, keys=auth.Keys(api=("user-key-1",), admin=("admin-key-1",))
+    ) as (
+        url,
+        _,
+    ):
+        assert httpx.get(url + "/v1/ui/info").status_code == 401
+        page.goto(url + "/")
+        page.wait_for_selector("#page-error:not([hidden])")
+        assert "needs an API key" in page.text_content("#page-error") and page.is_visible("#api-key")
+        page.fill("#api-key", "user-key-1")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#model-list input")
+        page.click("#tab-adapters")
+        page.click("[data-adapter=a0] button:has-text('Unload')")  # no admin key typed: the API key is sent
+        page.wait_for_selector("[data-adapter=a0] p.error")
+        assert "admin key" in page.text_content("[data-adapter=a0] p.error")
+        if not page.is_visible("#admin-key"):
+            page.click("#keys summary")
+        page.fill("#admin-key", "admin-key-1")
+        page.click("#key-form button[type=submit]")
+        page.click("[data-adapter=a0] button:has-text('Unload')")
+        page.wait_for_selector("[data-adapter=a0] .badge:has-text('not served')")
+        page.errors = [e for e in page.errors if "401" not in e and "403" not in e]  # the refused requests, logged
+        assert page.errors == []

@@ -157,10 +157,11 @@ def _adapter_cards(state: Any) -> list[dict[str, Any]]:
 
 def create_ui_app(runs_dir: str | Path) -> Any:
     """A server with the runs view alone (``lorakit ui RUNS_DIR``): no model, no generation endpoints."""
-    from lorakit.serve.app import _fastapi
-
-    fastapi = _fastapi()
-    from fastapi.responses import JSONResponse
+    try:
+        import fastapi
+        from fastapi.responses import JSONResponse
+    except ImportError as exc:
+        raise ImportError(f"lorakit ui needs FastAPI and uvicorn ({exc}): pip install 'lorakit[serve]'") from exc
     from starlette.exceptions import HTTPException
 
     app = fastapi.FastAPI(title="lorakit ui")
@@ -175,3 +176,8 @@ def create_ui_app(runs_dir: str | Path) -> Any:
 
     register_ui(app, None, runs_dir)
     return app
+
+
+def register(app: Any, state: Any) -> None:
+    """The page as one route group of `lorakit.serve.app` (same signature as the other groups' ``register``)."""
+    register_ui(app, state)
