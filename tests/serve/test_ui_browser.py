@@ -100,17 +100,15 @@ def test_compare_streams_the_api_answers_side_by_side(page, tiny_serve_dir, adap
 def test_a_broken_adapter_is_said_in_words(page, tiny_serve_dir, fresh_adapters):
     (fresh_adapters / "a3" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with running_server(tiny_serve_dir, fresh_adapters) as (url, _):
-        page.goto(url + "/")
-        page.wait_for_selector("#model-list input")
-        page.uncheck("#model-list input[value=a1]")
-        page.check("#model-list input[value=a3]")
-        page.fill("#max-tokens", "4")
-        page.fill("#prompt", "Hello")
-        page.click("#send")
-        page.wait_for_selector(".column[data-model=a3] .answer[data-state=error]")
-        assert "a3" in page.text_content(".column[data-model=a3] .answer")
-        page.wait_for_selector(".column[data-model=a0] .answer[data-state=done]")
-        assert "1 of 3 answers failed" in page.text_content("#compare-status")
+        page.goto(url + "/#adapters")
+        page.wait_for_selector("[data-adapter=a3] p.error")
+        assert "cannot be read" in page.text_content("[data-adapter=a3] p.error")
+        page.click("[data-adapter=a3] button:has-text('Load')")
+        page.wait_for_selector("[data-adapter=a3] p.error:has-text('Could not load')")
+        said = page.text_content("[data-adapter=a3] p[role=status]")
+        assert said.startswith("Could not load: ") and "a3" in said, said
+        page.errors = [e for e in page.errors if "400" not in e]  # the refused load, logged by the browser
+        assert page.errors == []
 
 
 def test_adapter_view_draws_the_spectrum(page, tiny_serve_dir, adapters_dir):
