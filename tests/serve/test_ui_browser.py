@@ -58,7 +58,11 @@ def page(browser):
 def shot(page, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+        path = Path(SHOTS) / f"{name}.png"
+        page.screenshot(path=str(path))
+        from PIL import Image  # matplotlib's dependency; a 64-colour palette keeps the README's images small
+
+        Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)
 
 
 def api_answer(url: str, model: str, prompt: str, max_tokens: int) -> str:

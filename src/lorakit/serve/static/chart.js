@@ -2,7 +2,7 @@
 "use strict";
 (function () {
   const NS = "http://www.w3.org/2000/svg";
-  const W = 440, H = 250, M = {left: 68, right: 12, top: 12, bottom: 36};
+  const W = 440, H = 250, M = {left: 76, right: 12, top: 12, bottom: 36};
   LK.colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 
   function svg(tag, attrs, text) {
