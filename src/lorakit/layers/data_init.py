@@ -65,7 +65,7 @@ def loftq_base(
     its dequantized weight is exactly LoftQ's ``Q``.
     """
     from lorakit.ops.inits import loftq_factors
-    from lorakit.quant.linear import NF4Linear
+    from lorakit.quant import NF4Linear
 
     if not isinstance(module, torch.nn.Linear) or is_quantized(module):
         raise ConfigError(f"{LOFTQ_HINT}; got a {type(module).__name__} base")
