@@ -14,11 +14,10 @@ from collections.abc import Iterable
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TargetSpec
+from lorakit.default_targets import default_targets, no_default_message
 from lorakit.errors import ConfigError, TargetNotFoundError
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear, link_siblings, supports_lora, unlink_siblings, wrap
 
-# Attention projections across common architectures; used when target_modules is None.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
 _LAYER_CONTAINERS = ("layers", "h", "blocks", "layer", "block")
 
 
@@ -69,7 +68,7 @@ def _selected(config: LoraConfig, name: str, module: nn.Module, head: nn.Module 
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if not is_linear(base) or base is head:
             return False
-    elif not matches(DEFAULT_TARGETS if spec is None else spec, name):
+    elif not matches(spec, name):
         return False
     if config.layers_to_transform is not None and (spec == ALL_LINEAR or not isinstance(spec, str)):
         return _layer_index(name, config.layers_pattern) in config.layers_to_transform
@@ -89,6 +88,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """
     head = _output_head(model)
     candidates = candidate_modules(model)
+    if config.target_modules is None:  # PEFT's per-architecture default (lorakit.default_targets)
+        default = default_targets(model)
+        if default is None:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if supports_lora(_base(m))})
+            raise TargetNotFoundError(no_default_message(model, leaves))
+        config = dataclasses.replace(config, target_modules=default)
     found, unsupported = [], []
     for name, module in candidates:
         if not _selected(config, name, module, head):

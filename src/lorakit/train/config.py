@@ -17,7 +17,6 @@ from typing import Any
 from lorakit.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class TrainConfig:
     r: int = 16
     lora_alpha: float | None = None  # None: 2 * r (32 at the default r=16)
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | str | None = None  # None: PEFT's default for the architecture
     # optimization
     learning_rate: float = 2e-3
     loraplus_lr_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A

@@ -1,0 +1,162 @@
+"""Hub ids, for real: huggingface_hub downloads from a loopback server in the Hub's file layout (`FakeHub`).
+
+Download into the HF cache, cache reuse (no file requested twice), revisions, gated (401/403) and missing (404)
+repositories, no network, and HF_HUB_OFFLINE=1 from a pre-filled cache; adapters by Hub id too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hub_repo import tiny_repo_files
+from hub_server import FakeHub
+from tiny_models import tiny_llama
+
+import lorakit
+from lorakit.errors import HubError, ModelNotFoundError
+from lorakit.models import load_model, resolve_model_source
+
+PROBE = torch.tensor([[1, 5, 9, 13, 2]])  # (1, 5) token ids
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(PROBE).logits  # (1, 5, vocab)
+
+
+@pytest.fixture(scope="module")
+def repo_files() -> list[dict[str, bytes]]:
+    """The files of tiny random Llama repositories with seeds 0, 1, 2 (built once per module)."""
+    return [tiny_repo_files(tiny_llama(seed=s)) for s in range(3)]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, repo_files):
+    """A started FakeHub with ``org/tiny`` (main: seed 0, tag v2: seed 1) and a gated ``org/gated``."""
+    with FakeHub() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        server.add_repo("org/tiny", repo_files[0])
+        server.add_repo("org/tiny", repo_files[1], revision="v2")
+        server.add_repo("org/gated", repo_files[2], gated=True, token="hf_good")
+        yield server
+
+
+def test_hub_id_resolves_without_touching_the_network():
+    source = resolve_model_source("Qwen/Qwen2.5-0.5B-Instruct", revision="main")
+    assert (source.kind, source.name, source.revision) == ("hub", "Qwen/Qwen2.5-0.5B-Instruct", "main")
+
+
+def test_revision_of_a_local_model_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="drop --revision"):
+        resolve_model_source("smollm2", revision="main")
+
+
+def test_load_by_hub_id_downloads_into_the_hf_cache(hub, tmp_path):
+    model, tokenizer = load_model("org/tiny")
+    assert torch.equal(logits(model), logits(tiny_llama(seed=0)))
+    assert model.name_or_path == "org/tiny"  # what adapters record as their base
+    assert tokenizer.pad_token is not None
+    snapshots = list((tmp_path / "hf-cache" / "models--org--tiny" / "snapshots").iterdir())
+    assert len(snapshots) == 1 and (snapshots[0] / "model.safetensors").is_file()
+    assert ("GET", "/org/tiny/resolve/" + snapshots[0].name + "/model.safetensors") in hub.requests
+
+
+def test_second_load_requests_no_file(hub):
+    load_model("org/tiny")
+    hub.requests.clear()
+    model, _ = load_model("org/tiny")
+    assert hub.file_requests() == []  # only the revision lookup; every file comes from the cache
+    assert torch.equal(logits(model), logits(tiny_llama(seed=0)))
+
+
+def test_revision_by_tag_and_by_commit(hub):
+    model, _ = load_model("org/tiny", revision="v2")
+    assert torch.equal(logits(model), logits(tiny_llama(seed=1)))
+    main_sha = hub.repos[("model", "org/tiny")].refs["main"]
+    model, _ = load_model("org/tiny", revision=main_sha)
+    assert torch.equal(logits(model), logits(tiny_llama(seed=0)))
+
+
+def test_unknown_revision_names_it_and_the_fix(hub):
+    with pytest.raises(HubError, match=r"org/tiny has no revision 'v9'.*--revision"):
+        load_model("org/tiny", revision="v9")
+
+
+def test_gated_repo_without_token_is_one_clear_line(hub):
+    with pytest.raises(HubError) as err:
+        load_model("org/gated")
+    message = str(err.value)
+    assert "org/gated" in message and "gated" in message and "401" in message and "HF_TOKEN" in message
+    assert "\n" not in message
+
+
+def test_gated_repo_with_wrong_token_is_403_and_with_right_token_loads(hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(HubError, match=r"gated repository \(403, HF_TOKEN is set\)"):
+        load_model("org/gated")
+    monkeypatch.setenv("HF_TOKEN", "hf_good")
+    model, _ = load_model("org/gated")
+    assert torch.equal(logits(model), logits(tiny_llama(seed=2)))
+
+
+def test_missing_repo_is_a_404_naming_the_repo(hub):
+    with pytest.raises(HubError, match=r"org/nope was not found on http://127\.0\.0\.1:\d+ \(404\)"):
+        load_model("org/nope")
+
+
+def test_no_network_and_not_cached_says_so(hub, monkeypatch):
+    hub.stop()  # the endpoint refuses connections now
+    with pytest.raises(HubError, match=r"Cannot reach the Hub at .* org/tiny.*not in the Hugging Face cache"):
+        load_model("org/tiny")
+
+
+def test_offline_mode_reads_a_prefilled_cache_and_sends_nothing(hub, monkeypatch):
+    load_model("org/tiny")
+    load_model("org/tiny", revision="v2")
+    hub.requests.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, _ = load_model("org/tiny")
+    assert torch.equal(logits(model), logits(tiny_llama(seed=0)))
+    model, _ = load_model("org/tiny", revision="v2")
+    assert torch.equal(logits(model), logits(tiny_llama(seed=1)))
+    assert hub.requests == []
+
+
+def test_offline_mode_without_the_model_cached_names_the_fix(hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match=r"org/tiny is not in the Hugging Face cache .* HF_HUB_OFFLINE=1"):
+        load_model("org/tiny")
+    assert hub.requests == []
+
+
+def test_offline_hint_for_the_embedded_model(hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="embedded copy of this model loads offline as 'smollm2-135m-instruct'"):
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_adapter_by_hub_id_loads_like_the_folder(hub, tmp_path):
+    from hub_repo import folder_files
+
+    model, _ = load_model("org/tiny")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lorakit.save_adapter(model, tmp_path / "ad")
+    hub.add_repo("org/tiny-lora", folder_files(tmp_path / "ad"))
+    expected = logits(model)
+    base, _ = load_model("org/tiny")
+    lorakit.load_adapter(base, "org/tiny-lora")
+    assert torch.equal(logits(base), expected)
+    with pytest.raises(HubError, match="adapter org/missing-lora was not found"):
+        lorakit.load_adapter(load_model("org/tiny")[0], "org/missing-lora")
+
+
+def test_cli_error_for_a_gated_model_is_one_line(hub, capsys):
+    from lorakit.cli import main
+
+    assert main(["info", "org/gated"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorakit: error: Cannot download the model org/gated") and "\n" not in err
