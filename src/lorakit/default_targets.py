@@ -16,12 +16,12 @@ __all__ = ["DEFAULT_TARGETS_BY_MODEL_TYPE", "default_targets", "model_type"]
 
 _QV = ("q_proj", "v_proj")
 _FUSED_QKV = ("query_key_value",)
+_QV_TYPES = ("llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt")
+_QV_TYPES += ("gptj", "gpt_neo", "stablelm")
 # model_type -> default target_modules (a tuple of names, or one full-match regex string)
 DEFAULT_TARGETS_BY_MODEL_TYPE: dict[str, tuple[str, ...] | str] = {
     # decoder-only language models
-    **dict.fromkeys(
-        ("llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt",
-         "gptj", "gpt_neo", "stablelm"), _QV),  # fmt: skip
+    **dict.fromkeys(_QV_TYPES, _QV),
     "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
     "phi": ("q_proj", "v_proj", "fc1", "fc2"),
     "gpt2": ("c_attn",),

@@ -126,7 +126,8 @@ def explain(error: BaseException, repo_id: str, revision: str | None, what: str 
             f"downloading it: unset HF_HUB_OFFLINE, or fetch it once online (`hf download {repo_id}`)."
         )
     if isinstance(error, errors.HfHubHTTPError) and status is not None:
-        return f"The Hub at {endpoint} answered {status} for the {what} {at}: {str(error).splitlines()[0]}. Try again later."
+        first = str(error).splitlines()[0]
+        return f"The Hub at {endpoint} answered {status} for the {what} {at}: {first}. Try again later."
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
         f"Cannot reach the Hub at {endpoint} to download the {what} {at}, and it is not in the Hugging Face cache "

@@ -133,9 +133,11 @@ def resolve_model_source(name_or_path: str | os.PathLike[str], revision: str | N
 
 
 def base_model_id(name_or_path: str | os.PathLike[str] | None) -> str | None:
-    """The name an adapter records as its base: the Hub id for embedded names and Hub ids; for a local
-    folder, the Hub id recorded in it (an HF cache snapshot, or ``_name_or_path`` in its config.json), else
-    its path. None stays None; anything unresolvable is returned as given.
+    """The name an adapter records as its base (``base_model_name_or_path``).
+
+    The Hub id for embedded names and Hub ids; for a local folder, the Hub id recorded in it (an HF cache
+    snapshot, a lorakit conversion of an embedded model, or ``_name_or_path`` in its config.json), else its
+    path. None stays None; anything unresolvable is returned as given.
     """
     if name_or_path is None:
         return None

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit import hub
 from lorakit.adapters import active_adapters, add_adapter, delete_adapter, get_config, list_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterExistsError, FormatError, IncompatibleAdapterError, TargetNotFoundError
+from lorakit.hub import fetch_adapter, is_hub_id
 from lorakit.io.checkpoint import read_adapter_dir, write_adapter_dir
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, from_peft_state, to_peft_state
-from lorakit.model_card import CardInfo, render_card
 from lorakit.layers import LoraEmbedding, ModulesToSave, iter_lora_layers
+from lorakit.model_card import CardInfo, render_card
 from lorakit.state import adapter_state_dict, load_adapter_state_dict
 
 
@@ -144,11 +144,11 @@ def adapter_location(path: str | os.PathLike, revision: str | None = None) -> Pa
         FormatError: ``revision`` given for a local folder.
     """
     text = os.fspath(path)
-    if Path(text).expanduser().exists() or not hub.is_hub_id(text):
+    if Path(text).expanduser().exists() or not is_hub_id(text):
         if revision is not None:
             raise FormatError(f"revision={revision!r} applies to Hub ids only; {text!r} is a local path")
         return Path(text).expanduser()
-    return hub.fetch_adapter(text, revision)
+    return fetch_adapter(text, revision)
 
 
 def _short(name: str) -> str:
