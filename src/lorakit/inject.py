@@ -94,6 +94,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             leaves = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if supports_lora(_base(m))})
             raise TargetNotFoundError(no_default_message(model, leaves))
         config = dataclasses.replace(config, target_modules=default)
+    elif config.target_modules != ALL_LINEAR:
+        _refuse_fused_parameters(model, config)
     found, unsupported = [], []
     for name, module in candidates:
         if not _selected(config, name, module, head):
@@ -121,6 +123,26 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"Similar names: {close or 'none'}; adaptable leaf names in this model: {leaves[:20]}"
         )
     return found
+
+
+def _refuse_fused_parameters(model: nn.Module, config: LoraConfig) -> None:
+    """A clear error when the targets name parameters, e.g. the fused expert weights of a mixture of experts.
+
+    transformers stores a MoE layer's experts as 3-D parameters (``experts.gate_up_proj``: experts x out x in),
+    not as modules; PEFT adapts them with ``target_parameters``, lorakit adapts modules only.
+    """
+    spec = config.target_modules
+    params = [(n, p) for n, p in model.named_parameters() if p.dim() >= 3 and matches(spec, n)]
+    if not params:
+        return
+    name, param = params[0]
+    owner = type(model.get_submodule(name.rpartition(".")[0])).__name__
+    raise ConfigError(
+        f"target_modules={_show(spec)} names parameters, not modules: {name} {tuple(param.shape)} is a fused "
+        f"weight of {owner} (one 3-D tensor for all experts; PEFT adapts those with target_parameters). lorakit "
+        "adapts modules only: target the attention projections (e.g. ['q_proj', 'v_proj']), 'all-linear' "
+        "(the routed experts stay frozen), or the linear layers of a shared expert where the model has one."
+    )
 
 
 def _show(spec: TargetSpec) -> str:

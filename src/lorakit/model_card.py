@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CARD_MARKER", "CardInfo", "is_lorakit_card", "render_card"]
+__all__ = ["CARD_MARKER", "CardInfo", "is_lorakit_card", "render_card", "update_card"]
 
 CARD_MARKER = "<!-- lorakit model card: rewritten on every save; remove this line to keep your own README -->"
 
@@ -145,3 +145,21 @@ def render_card(
 def _cell(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text.replace("|", "\\|")
+
+
+def update_card(folder: str | Path, info: CardInfo, trainable_params: int | None = None) -> bool:
+    """Rewrites the model card of the adapter in ``folder`` (atomically) with ``info``.
+
+    Returns False (and writes nothing) when the folder's README.md is the user's own, not lorakit's.
+    """
+    from lorakit.io.checkpoint import atomic_write_bytes
+    from lorakit.io.peft_format import CONFIG_NAME, WEIGHTS_NAME
+
+    folder = Path(folder)
+    if not is_lorakit_card(folder / "README.md"):
+        return False
+    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    size = (folder / WEIGHTS_NAME).stat().st_size
+    text = render_card(config, size, trainable_params=trainable_params, info=info)
+    atomic_write_bytes(folder / "README.md", text.encode())
+    return True

@@ -12,8 +12,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     grid = parser.add_argument_group("sweep grid")
     grid.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32], help="values of r (default 8 16 32)")
     grid.add_argument("--alphas", type=float, nargs="+", default=None, help="values of lora_alpha (default: 2r)")
-    grid.add_argument("--target-sets", nargs="+", default=["attention", "all-linear"],
-                      choices=["attention", "all-linear"], help="target sets (default: both)")  # fmt: skip
+    grid.add_argument("--target-sets", nargs="+", default=["default", "all-linear"],
+                      choices=["default", "attention", "all-linear"],
+                      help="default: PEFT's targets for the architecture (as lorakit train/info); attention: "
+                           "q,k,v,o; all-linear (default: default and all-linear)")  # fmt: skip
     grid.add_argument("--metric", choices=["exact_match", "normalized_match", "eval_loss"], default=None,
                       help="what 'best' means (default: exact_match with generation eval, else eval_loss)")  # fmt: skip
     grid.add_argument("--tolerance", type=float, default=0.01, help="'within one point' of the best (default 0.01)")

@@ -19,7 +19,9 @@ from lorakit.train.config import TrainConfig, build_config
 _HELP = {
     "data": "training data: a JSONL file or a directory of them (text, prompt/completion or messages rows)",
     "output_dir": "run directory: final adapter (PEFT format), checkpoint-N/ sub-folders, metrics.jsonl, loss.png",
-    "model": "base model: embedded name (default smollm2-135m-instruct), HF directory or .gguf file",
+    "model": "base model: embedded name (default smollm2-135m-instruct), Hub id (Org/Name), HF folder or .gguf file",
+    "revision": "Hub branch, tag or commit sha of a Hub id --model (default: main)",
+    "dtype": "dtype of the frozen base weights (auto: the checkpoint's dtype on CUDA, fp32 on the CPU)",
     "eval_data": "held-out JSONL (default: --eval-ratio of --data is held out)",
     "target_modules": "module names / dotted suffixes (space- or comma-separated), 'all-linear', or one regex",
     "lora_alpha": "LoRA scale numerator (default: 2 * r)",
@@ -38,7 +40,11 @@ _HELP = {
 }
 # torchrun's own parser reads abbreviations anywhere on its command line: "--r" is ambiguous there.
 _ALIASES = {"r": ["--lora-r"]}
-_CHOICES = {"precision": ["auto", "bf16", "fp32"], "lr_scheduler": ["cosine", "linear", "constant"]}
+_CHOICES = {
+    "dtype": ["auto", "bf16", "fp16", "fp32"],
+    "precision": ["auto", "bf16", "fp32"],
+    "lr_scheduler": ["cosine", "linear", "constant"],
+}
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
 

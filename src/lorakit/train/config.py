@@ -25,7 +25,9 @@ class TrainConfig:
 
     data: str | None = None
     output_dir: str | None = None
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # embedded name, Hub id (Org/Name), HF folder or .gguf file
+    revision: str | None = None  # Hub branch, tag or commit of a Hub id model
+    dtype: str = "fp32"  # base weights: fp32 | bf16 | fp16 | auto (the checkpoint's dtype on CUDA, fp32 on CPU)
     eval_data: str | None = None
     eval_ratio: float = 0.1  # held out from ``data`` when no ``eval_data`` is given
     # LoRA
@@ -104,6 +106,8 @@ class TrainConfig:
             problems.append(f"lr_scheduler={self.lr_scheduler!r} (expected cosine, linear or constant)")
         if self.quantize not in (None, "nf4"):
             problems.append(f"quantize={self.quantize!r} (expected nf4, or unset for a full-precision base)")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"dtype={self.dtype!r} (expected auto, bf16, fp16 or fp32)")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision={self.precision!r} (expected auto, bf16 or fp32)")
         if self.resume and self.overwrite:

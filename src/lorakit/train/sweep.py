@@ -24,7 +24,9 @@ from typing import Any
 from lorakit.errors import ConfigError
 from lorakit.train.config import TrainConfig, build_config
 
-TARGET_SETS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
+# "default": target_modules=None, PEFT's default for the architecture (lorakit.default_targets, the one source);
+# "attention": all four attention projections of Llama-style models, named explicitly.
+TARGET_SETS = {"default": None, "attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
 HIGHER_IS_BETTER = {"exact_match": True, "normalized_match": True, "eval_loss": False}
 
 
@@ -59,7 +61,7 @@ def run_sweep(
     output_dir: str | Path,
     ranks: list[int] = (8, 16, 32),
     alphas: list[float] | None = None,
-    targets: list[str] = ("attention", "all-linear"),
+    targets: list[str] = ("default", "all-linear"),
     metric: str | None = None,
     tolerance: float = 0.01,
 ) -> SweepResult:
@@ -153,7 +155,7 @@ def _plot(result: SweepResult) -> Path:
     from lorakit.io.checkpoint import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for t, marker in zip(TARGET_SETS, "os"):
+    for t, marker in zip(TARGET_SETS, "o^s"):
         rs = [r for r in result.rows if r["targets"] == t and r.get(result.metric) is not None]
         ax.plot([r["trainable_params"] for r in rs], [r[result.metric] for r in rs], marker, label=t, ms=8)
         for r in rs:
