@@ -16,7 +16,7 @@ from torch import nn
 from lorakit.config import ALL_LINEAR, LoraConfig, TargetSpec
 from lorakit.default_targets import default_targets, no_default_message
 from lorakit.errors import ConfigError, TargetNotFoundError
-from lorakit.layers import LoraLayer, ModulesToSave, is_linear, link_siblings, supports_lora, unlink_siblings, wrap
+from lorakit.layers import LoraLayer, ModulesToSave, is_linear, supports_lora, wrap
 
 _LAYER_CONTAINERS = ("layers", "h", "blocks", "layer", "block")
 
@@ -213,7 +213,6 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
             wrapper = ModulesToSave(wrapper)
             set_submodule(model, path, wrapper)
         wrapper.add(name)
-    link_siblings(model)  # q/k/v and gate/up may share one A matmul (lorakit.layers.fused)
     return targets
 
 
@@ -224,12 +223,10 @@ def unwrap_empty(model: nn.Module) -> None:
             set_submodule(model, path, module.base_layer)
         elif isinstance(module, ModulesToSave) and not module.adapter_names:
             set_submodule(model, path, module.original_module)
-    link_siblings(model)
 
 
 def replace_wrappers(model: nn.Module, merge: bool) -> None:
     """Replace every wrapper by a plain module: merged active adapters (``merge``) or the pristine base."""
-    unlink_siblings(model)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             if merge:

@@ -152,7 +152,7 @@ def update_card(folder: str | Path, info: CardInfo, trainable_params: int | None
 
     Returns False (and writes nothing) when the folder's README.md is the user's own, not lorakit's.
     """
-    from lorakit.io.checkpoint import atomic_write_bytes
+    from lorakit.io.atomic import atomic_write_bytes
     from lorakit.io.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
     folder = Path(folder)
