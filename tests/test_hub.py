@@ -160,3 +160,32 @@ def test_cli_error_for_a_gated_model_is_one_line(hub, capsys):
     assert main(["info", "org/gated"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("lorakit: error: Cannot download the model org/gated") and "\n" not in err
+
+
+def test_cli_info_takes_a_hub_id_and_a_revision(hub, capsys):
+    import json
+
+    from lorakit.cli import main
+
+    assert main(["info", "org/tiny", "--revision", "v2", "--json", "--dtype", "fp32", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "LlamaForCausalLM" and report["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_server_loads_adapters_by_hub_id_only_when_allowed(hub, tmp_path):
+    from hub_repo import folder_files
+
+    from lorakit.errors import ConfigError
+    from lorakit.serve.registry import AdapterRegistry
+
+    model, _ = load_model("org/tiny")
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lorakit.save_adapter(model, tmp_path / "ad")
+    expected = logits(model)
+    hub.add_repo("org/tiny-lora", folder_files(tmp_path / "ad"))
+    base, _ = load_model("org/tiny")
+    with pytest.raises(ConfigError, match="--allow-hub-adapters"):
+        AdapterRegistry(base).add("zoo", "org/tiny-lora")
+    AdapterRegistry(base, allow_hub=True).add("zoo", "org/tiny-lora")
+    lorakit.set_adapter(base, "zoo")
+    assert torch.equal(logits(base), expected)

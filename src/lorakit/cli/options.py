@@ -1,6 +1,7 @@
 """Argument groups that several subcommands share (each subcommand's own flags live in its `lorakit.commands` module).
 
-Training flags, LoRA flags, ``--target-modules`` parsing, output folders, the 4-bit merge flags, logging set-up.
+Training flags, LoRA flags, ``--target-modules`` parsing, model flags (``--revision``, ``--dtype``, ``--device``),
+output folders, the 4-bit merge flags, logging set-up.
 
 Every `TrainConfig` field has a flag spelled like its key with dashes; flags default to None so that only
 flags actually given override the YAML file (``--config``), which overrides the dataclass defaults.
@@ -186,3 +187,28 @@ def check_quant_args(args: argparse.Namespace) -> str | None:
             else f"--merge-into is only used with --mode original (got --mode {mode})"
         )
     return mode
+
+
+MODEL_HELP = "base model: embedded name (e.g. smollm2-135m-instruct), Hub id (Org/Name), HF folder or .gguf file"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--revision``, ``--dtype`` and ``--device``: how the model named by ``--model`` (or MODEL) is loaded."""
+    group = parser.add_argument_group("model loading")
+    group.add_argument("--revision", default=None, help="Hub branch, tag or commit sha of a Hub id (default: main)")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="parameter dtype (auto: the checkpoint's dtype on CUDA, fp32 on the CPU)",
+    )
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available; with accelerate, device_map=auto over all GPUs), cpu, cuda or cuda:N",
+    )
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `lorakit.load_model` keyword arguments the model flags give."""
+    return {"revision": args.revision, "dtype": args.dtype, "device": args.device}

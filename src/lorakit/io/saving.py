@@ -55,6 +55,9 @@ def _save_one(
     config = get_config(model, name)
     tensors = to_peft_state(adapter_state_dict(model, name, config.bias) if state is None else state, name)
     saved = dataclasses.replace(config, inference_mode=True).to_dict()
+    if saved.get("task_type") is None and hasattr(model, "config"):
+        # PEFT's own record for a config without task_type: AutoPeftModel rebuilds the base class from it
+        saved["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     params = sum(t.numel() for t in tensors.values())
     info = card or CardInfo(title=path.resolve().name)
     write_adapter_dir(path, saved, tensors, lambda size: render_card(saved, size, trainable_params=params, info=info))
