@@ -1,10 +1,17 @@
 """Hub ids, for real: huggingface_hub downloads from a loopback server in the Hub's file layout (`FakeHub`).
 
 Download into the HF cache, cache reuse (no file requested twice), revisions, gated (401/403) and missing (404)
-repositories, no network, and HF_HUB_OFFLINE=1 from a pre-filled cache; adapters by Hub id too.
+repositories, no network, and HF_HUB_OFFLINE=1 from a pre-filled cache; adapters by Hub id too. And the rest of
+the ecosystem finds a lorakit adapter's base through the cache: PEFT's AutoPeftModelForCausalLM and transformers'
+``model.load_adapter`` (in a fresh, offline process, so huggingface_hub reads the environment we give it).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +196,34 @@ def test_server_loads_adapters_by_hub_id_only_when_allowed(hub, tmp_path):
     AdapterRegistry(base, allow_hub=True).add("zoo", "org/tiny-lora")
     lorakit.set_adapter(base, "zoo")
     assert torch.equal(logits(base), expected)
+
+
+SCRIPT = """
+import json, sys, torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM
+adapter, out = sys.argv[1], sys.argv[2]
+ids = torch.tensor(json.loads(sys.argv[3]))
+with torch.no_grad():
+    peft_logits = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()(ids).logits
+    model = AutoModelForCausalLM.from_pretrained("org/tiny").eval()
+    model.load_adapter(adapter)
+    hf_logits = model(ids).logits
+torch.save({"peft": peft_logits, "transformers": hf_logits}, out)
+"""
+
+
+def test_peft_and_transformers_load_a_lorakit_adapter_with_the_base_from_the_cache(hub, tmp_path):
+    model, _ = load_model("org/tiny")  # fills the HF cache
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lorakit.save_adapter(model, tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    expected = logits(model)
+    hub.stop()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
+    args = [str(tmp_path / "ad"), str(tmp_path / "out.pt"), json.dumps(PROBE.tolist())]
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert (got["peft"] - expected).abs().max().item() < 1e-5
+    assert (got["transformers"] - expected).abs().max().item() < 1e-5
