@@ -227,3 +227,18 @@ def test_peft_and_transformers_load_a_lorakit_adapter_with_the_base_from_the_cac
     got = torch.load(tmp_path / "out.pt")
     assert (got["peft"] - expected).abs().max().item() < 1e-5
     assert (got["transformers"] - expected).abs().max().item() < 1e-5
+
+
+def test_train_a_hub_model_from_the_cli_writes_its_id_and_a_card(hub, tmp_path):
+    from lorakit.cli import main
+
+    rows = [{"prompt": f"w{i} w{i + 1}", "completion": f" w{i + 2} </s>"} for i in range(12)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["train", "--model", "org/tiny", "--revision", "v2", "--data", str(tmp_path / "d.jsonl"), "--output-dir",
+            str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--no-eval-generate", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny"
+    assert config["target_modules"] == ["q_proj", "v_proj"]  # PEFT's Llama default, as lorakit info says
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "base_model: org/tiny" in card and "## Training" in card and "## Evaluation" in card
