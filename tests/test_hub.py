@@ -234,8 +234,9 @@ def test_train_a_hub_model_from_the_cli_writes_its_id_and_a_card(hub, tmp_path):
 
     rows = [{"prompt": f"w{i} w{i + 1}", "completion": f" w{i + 2} </s>"} for i in range(12)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["train", "--model", "org/tiny", "--revision", "v2", "--data", str(tmp_path / "d.jsonl"), "--output-dir",
-            str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--no-eval-generate", "--no-progress"]  # fmt: skip
+    argv = ["train", "--model", "org/tiny", "--revision", "v2", "--data", str(tmp_path / "d.jsonl"),
+            "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--no-eval-generate",
+            "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "org/tiny"
