@@ -239,7 +239,7 @@ def test_train_a_hub_model_from_the_cli_writes_its_id_and_a_card(hub, tmp_path):
             "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "org/tiny"
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/tiny", "v2")  # PEFT loads this base
     assert config["target_modules"] == ["q_proj", "v_proj"]  # PEFT's Llama default, as lorakit info says
     card = (tmp_path / "run" / "README.md").read_text()
     assert "base_model: org/tiny" in card and "## Training" in card and "## Evaluation" in card

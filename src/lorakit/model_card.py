@@ -67,7 +67,11 @@ def _targets(config: Mapping[str, Any]) -> str:
 
 def _adapter_table(config: Mapping[str, Any], size_bytes: int, params: int | None) -> str:
     rows = [
-        ("base model", f"`{config.get('base_model_name_or_path')}`"),
+        (
+            "base model",
+            f"`{config.get('base_model_name_or_path')}`"
+            + (f" at revision `{config['revision']}`" if config.get("revision") else ""),
+        ),  # fmt: skip
         ("r / lora_alpha", f"{config.get('r')} / {config.get('lora_alpha')}"),
         ("lora_dropout", config.get("lora_dropout")),
         ("target_modules", _targets(config)),

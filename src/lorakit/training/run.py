@@ -77,6 +77,7 @@ def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
         target_modules=targets,
         task_type="CAUSAL_LM",
         base_model_name_or_path=_base_name(cfg, model),
+        revision=cfg.revision,
     )
 
 
