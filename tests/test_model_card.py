@@ -101,3 +101,14 @@ def test_shape_mismatch_stays_an_error_and_touches_nothing(tmp_path):
         lorakit.load_adapter(other, folder)
     assert not lorakit.list_adapters(other)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_the_hub_id_and_lorakits_old_alias_name_the_same_base(tmp_path):
+    import warnings
+
+    folder = save(tmp_path, "smollm2-135m-instruct")  # an adapter written by an older lorakit
+    model = tiny_llama()
+    model.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.load_adapter(model, folder)

@@ -16,7 +16,15 @@ from typing import Any
 
 from lorakit.errors import HubError
 
-__all__ = ["ADAPTER_FILES", "MODEL_FILES", "fetch_adapter", "fetch_model", "hub_id_from_cache_path", "is_hub_id"]
+__all__ = [
+    "ADAPTER_FILES",
+    "MODEL_FILES",
+    "base_key",
+    "fetch_adapter",
+    "fetch_model",
+    "hub_id_from_cache_path",
+    "is_hub_id",
+]
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
 # What a causal LM needs from its repository (root files only): config, tokenizer, chat template, safetensors.
@@ -30,6 +38,15 @@ _TRUE = {"1", "on", "yes", "true"}
 def is_hub_id(text: str) -> bool:
     """True for text shaped like a Hub repository id (``Org/Name``); says nothing about whether it exists."""
     return bool(_HUB_ID.fullmatch(text)) and ".." not in text and not text.lower().endswith(".gguf")
+
+
+def base_key(name: str) -> str:
+    """What two base-model names are compared by: the last path part, lower-cased.
+
+    ``HuggingFaceTB/SmolLM2-135M-Instruct``, lorakit's older ``smollm2-135m-instruct`` and a local copy in
+    ``/models/SmolLM2-135M-Instruct`` name the same model; ``Org/Other`` does not.
+    """
+    return name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
 
 
 def offline() -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 from lorakit.adapters import active_adapters, add_adapter, delete_adapter, get_config, list_adapters
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterExistsError, ConfigError, FormatError, IncompatibleAdapterError, TargetNotFoundError
-from lorakit.hub import fetch_adapter, is_hub_id
+from lorakit.hub import base_key, fetch_adapter, is_hub_id
 from lorakit.io.atomic import read_adapter_dir, write_adapter_dir
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, from_peft_state, to_peft_state
 from lorakit.layers import LoraEmbedding, ModulesToSave, iter_lora_layers
@@ -156,13 +156,9 @@ def adapter_location(path: str | os.PathLike, revision: str | None = None) -> Pa
     return fetch_adapter(text, revision)
 
 
-def _short(name: str) -> str:
-    return name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
-
-
 def _warn_if_other_base(model: nn.Module, base: str | None, path: Path) -> None:
     loaded = getattr(model, "name_or_path", None)
-    if not base or not isinstance(loaded, str) or not loaded or _short(base) == _short(loaded):
+    if not base or not isinstance(loaded, str) or not loaded or base_key(base) == base_key(loaded):
         return
     warnings.warn(
         f"adapter {str(path)!r} was trained on base model {base!r}, but it is being loaded into {loaded!r}; "
