@@ -9,8 +9,8 @@ import torch
 from hub_repo import tiny_tokenizer
 from tiny_models import tiny_llama
 
-from lorakit import models
 from lorakit.errors import ConfigError
+from lorakit.model_placement import pick_dtype
 from lorakit.models import load_model
 
 
@@ -38,9 +38,9 @@ def test_explicit_dtype(folder, name, dtype):
 def test_auto_dtype_on_cuda_is_the_checkpoints(folder):
     saved = json.loads((folder / "config.json").read_text())
     assert (saved.get("dtype") or saved.get("torch_dtype")) == "bfloat16"
-    assert models._pick_dtype("auto", folder, torch.device("cuda")) == torch.bfloat16
-    assert models._pick_dtype("auto", folder, "auto-map") == torch.bfloat16
-    assert models._pick_dtype("auto", folder, torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", folder, torch.device("cuda")) == torch.bfloat16
+    assert pick_dtype("auto", folder, "auto-map") == torch.bfloat16
+    assert pick_dtype("auto", folder, torch.device("cpu")) == torch.float32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -24,6 +24,7 @@ import torch
 
 from lorakit import hub, model_cache
 from lorakit.errors import ConfigError, FormatError, HubError, ModelNotFoundError
+from lorakit.model_placement import pick_dtype, placement
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,16 +57,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 @dataclass(frozen=True)
@@ -246,20 +237,20 @@ def load_model(
         ImportError: transformers or gguf is missing (``pip install 'lorakit[hf]'``).
     """
     source = resolve_model_source(name_or_path, revision)
-    placement = _placement(device)
+    where = placement(device)
     if source.kind == "hub":
         folder = _fetch(source)
-        model, tokenizer = _load_hf_dir(folder, _pick_dtype(dtype, folder, placement), placement)
+        model, tokenizer = _load_hf_dir(folder, pick_dtype(dtype, folder, where), where)
     elif source.kind == "hf_dir":
-        model, tokenizer = _load_hf_dir(source.path, _pick_dtype(dtype, source.path, placement), placement)
+        model, tokenizer = _load_hf_dir(source.path, pick_dtype(dtype, source.path, where), where)
     elif cache:
         folder = _ensure_cached(source, cache_dir)
-        model, tokenizer = _load_hf_dir(folder, _pick_dtype(dtype, folder, placement), placement)
+        model, tokenizer = _load_hf_dir(folder, pick_dtype(dtype, folder, where), where)
     else:
         model, tokenizer = _convert_gguf(source.path)
-        model = model.to(_pick_dtype(dtype, None, placement))
-        if placement is not None:
-            model = model.to(placement)
+        model = model.to(pick_dtype(dtype, None, where))
+        if where is not None:
+            model = model.to(where)
     _record_name(model, source)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -284,46 +275,6 @@ def _record_name(model: Any, source: ModelSource) -> None:
     model.name_or_path = name
     if getattr(model, "config", None) is not None:
         model.config._name_or_path = name
-
-
-def _placement(device: torch.device | str | None) -> torch.device | str | None:
-    """None (CPU, untouched), a torch.device, or "auto-map" (CUDA + accelerate: ``device_map="auto"``)."""
-    if device is None or isinstance(device, torch.device):
-        return device
-    text = str(device).strip().lower()
-    if text == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return "auto-map" if importlib.util.find_spec("accelerate") is not None else torch.device("cuda")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available here; use device='cpu' or 'auto'.")
-    try:
-        return torch.device(text)
-    except RuntimeError as e:
-        raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu' or 'cuda[:N]'.") from e
-
-
-def _pick_dtype(dtype: torch.dtype | str, folder: Path | None, placement: Any) -> torch.dtype:
-    if not (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
-        return _as_dtype(dtype)
-    on_gpu = placement == "auto-map" or (isinstance(placement, torch.device) and placement.type == "cuda")
-    if not on_gpu or folder is None:
-        return torch.float32
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return torch.float32
-    saved = config.get("torch_dtype") or config.get("dtype") or "float32"
-    return _DTYPES.get(str(saved).removeprefix("torch."), torch.float32)
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not supported; use a torch.dtype or one of {sorted(_DTYPES)}.")
-    return _DTYPES[key]
 
 
 def _embedded_source(name: str) -> ModelSource:
@@ -392,19 +343,17 @@ def _dtype_kwarg(transformers: Any, dtype: torch.dtype) -> dict[str, torch.dtype
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _load_hf_dir(
-    path: Path, dtype: torch.dtype, placement: Any = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_hf_dir(path: Path, dtype: torch.dtype, where: Any = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     transformers = _transformers()
     kwargs = {"local_files_only": True, **_dtype_kwarg(transformers, dtype)}
-    if placement == "auto-map":
+    if where == "auto-map":
         kwargs["device_map"] = "auto"
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise FormatError(f"transformers could not load a causal LM from {path}: {e}") from e
-    if isinstance(placement, torch.device):
-        model = model.to(placement)
+    if isinstance(where, torch.device):
+        model = model.to(where)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
