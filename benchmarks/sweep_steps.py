@@ -1,0 +1,107 @@
+"""Step-count sweep behind the main job's ``max_steps``: held-out exact match for each (steps, seed).
+
+Each run is the main job's own command with two flags changed,
+``lorakit train --config examples/json_extraction.yaml --max-steps S --seed K --output-dir runs/sweep_steps/...``,
+in its own process. Every run is kept in the results file (no best-of): per step count the file and the printed
+table give the median and the range over seeds. The file is written after every run, and runs already in it are
+skipped, so an interrupted sweep continues where it stopped and more seeds can be added later.
+
+Run: python benchmarks/sweep_steps.py [--steps 40 60 80] [--seeds 1 2] [--out benchmarks/results/sweep_steps.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from provenance import ROOT, provenance, spread, write_results  # noqa: E402 - a sibling module
+
+CONFIG = "examples/json_extraction.yaml"
+
+
+def train_once(steps: int, seed: int, run_dir: Path) -> dict:
+    """One ``lorakit train`` run; returns its held-out metrics and timing."""
+    cmd = [
+        "lorakit",
+        "train",
+        "--config",
+        CONFIG,
+        "--max-steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(run_dir),
+        "--overwrite",
+        "--no-progress",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((run_dir / "eval_results.json").read_text())
+    return {
+        "steps": steps,
+        "seed": seed,
+        "provenance": provenance(cmd),
+        "wall_seconds": round(wall, 1),
+        "train_seconds": summary["train_seconds"],
+        "before": summary["before"],
+        "after": summary["after"],
+    }
+
+
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """Per step count: median and range over seeds of exact match, normalized match and eval loss."""
+    out: dict[str, dict] = {}
+    for steps in sorted({r["steps"] for r in runs}):
+        rs = [r for r in runs if r["steps"] == steps]
+        out[str(steps)] = {"seeds": [r["seed"] for r in rs]} | {
+            key: spread([r["after"][key] for r in rs]) for key in ("exact_match", "normalized_match", "eval_loss")
+        }
+    return out
+
+
+def table(summary: dict[str, dict]) -> str:
+    lines = [
+        "| steps | seeds | exact match, median (range) | normalized match, median (range) | eval loss, median |",
+        "|---|---|---|---|---|",
+    ]
+    for steps, s in summary.items():
+        em, nm = s["exact_match"], s["normalized_match"]
+        lines.append(
+            f"| {steps} | {len(s['seeds'])} | {em['median']:.0%} ({em['min']:.0%}-{em['max']:.0%}) "
+            f"| {nm['median']:.0%} ({nm['min']:.0%}-{nm['max']:.0%}) | {s['eval_loss']['median']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, nargs="+", default=[40, 60, 80])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep_steps.json"))
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "sweep_steps"))
+    args = p.parse_args()
+    out = Path(args.out)
+    runs = json.loads(out.read_text())["runs"] if out.is_file() else []
+    for seed in args.seeds:  # seed-major: a stopped sweep still has every step count measured
+        for steps in args.steps:
+            if any(r["steps"] == steps and r["seed"] == seed for r in runs):
+                continue
+            runs.append(train_once(steps, seed, Path(args.runs_dir) / f"steps{steps}_seed{seed}"))
+            print(f"steps {steps} seed {seed}: {runs[-1]['after']}", flush=True)
+            write_results(out, {"provenance": provenance(), "config": CONFIG, "runs": runs, "summary": summarize(runs)})
+    print(table(summarize(runs)))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
