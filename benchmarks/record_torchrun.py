@@ -52,7 +52,9 @@ def main() -> None:
         "--overwrite",
     ]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    launcher = Path(sys.executable).with_name("torchrun")  # this venv's launcher, activated or not
+    run_cmd = [str(launcher) if launcher.exists() else "torchrun", *cmd[1:]]
+    proc = subprocess.run(run_cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
