@@ -5,7 +5,8 @@ changed, ``max_steps`` and ``seed``, in its own process; only the base model's g
 same for every run; the main job's results file has it). Every run is kept in the results file (no best-of):
 per step count the file and the printed table give the median and the range over seeds. The file is written
 after every run, and runs already in it are skipped, so an interrupted sweep continues where it stopped and
-more seeds can be added later.
+more seeds can be added later; sweeps run side by side (``--steps 60 --seeds 1`` next to ``--steps 40 --seeds 2``)
+add their runs to the same file.
 
 Run: python benchmarks/sweep_steps.py [--steps 40 60 80] [--seeds 1 2] [--out benchmarks/results/sweep_steps.json]
 """
@@ -89,6 +90,20 @@ def table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _record(out: Path, run: dict) -> list[dict]:
+    """Add one run to the results file under a lock, re-reading it first: several sweeps may share one file."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / f"lorakit-{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = json.loads(out.read_text())["runs"] if out.is_file() else []
+        runs = [r for r in runs if (r["steps"], r["seed"]) != (run["steps"], run["seed"])] + [run]
+        runs.sort(key=lambda r: (r["steps"], r["seed"]))
+        write_results(out, {"provenance": provenance(), "config": CONFIG, "runs": runs, "summary": summarize(runs)})
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, nargs="+", default=[40, 60, 80])
@@ -106,9 +121,9 @@ def main() -> None:
         for steps in args.steps:
             if any(r["steps"] == steps and r["seed"] == seed for r in runs):
                 continue
-            runs.append(train_once(steps, seed, Path(args.runs_dir) / f"steps{steps}_seed{seed}"))
-            print(f"steps {steps} seed {seed}: {runs[-1]['after']}", flush=True)
-            write_results(out, {"provenance": provenance(), "config": CONFIG, "runs": runs, "summary": summarize(runs)})
+            run = train_once(steps, seed, Path(args.runs_dir) / f"steps{steps}_seed{seed}")
+            print(f"steps {steps} seed {seed}: {run['after']}", flush=True)
+            runs = _record(out, run)
     print(table(summarize(runs)))
     print(f"wrote {out}")
 
