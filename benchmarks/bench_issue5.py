@@ -194,17 +194,18 @@ def main() -> None:
 def inference_only(args: argparse.Namespace) -> None:
     """Run the inference rounds in a fresh process; write issue5_inference.json and print the table."""
     import torch
-    from provenance import provenance, spread, write_results
+    from provenance import finish, provenance, spread, write_results
 
     a = {"reps": args.reps or 15, "threads": args.threads, "new_tokens": args.new_tokens,
          "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}  # fmt: skip
     if args.quick:
         a.update(reps=1, new_tokens=4)
+    prov = provenance()
     start = time.perf_counter()
     raw = spawn("inference_rounds", a)
     summary = {k: spread(v) for k, v in raw["ratio_to_base_same_round"].items()}
     base = {k: spread(raw["seconds"][f"{k}_base"]) for k in ("forward", "generate")}
-    results = {"provenance": provenance(), "settings": a, "wall_s": time.perf_counter() - start,
+    results = {"provenance": finish(prov), "settings": a, "wall_s": time.perf_counter() - start,
                "ratio_to_base": summary, "base_seconds": base, **raw}  # fmt: skip
     out = Path(args.out or (Path(tempfile.gettempdir()) / "issue5_inference_quick.json" if args.quick else HERE /
                             "results" / "issue5_inference.json"))  # fmt: skip

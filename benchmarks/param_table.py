@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import ROOT, provenance, write_results  # noqa: E402 - a sibling module
+from provenance import ROOT, finish, provenance, write_results  # noqa: E402 - a sibling module
 
 TARGETS = {"q,k,v,o": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
 RANKS = (8, 16, 32)
@@ -54,13 +54,14 @@ def main() -> None:
     args = p.parse_args()
     from lorakit.models import load_model
 
+    prov = provenance()
     model, _ = load_model(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, targets in TARGETS.items():
             for r in RANKS:
                 rows.append({"targets": label, **measure(model, targets, r, Path(tmp))})
-    write_results(args.out, {"provenance": provenance(), "model": args.model, "rows": rows})
+    write_results(args.out, {"provenance": finish(prov), "model": args.model, "rows": rows})
     print("| targets | r | trainable params | % of all params (base + LoRA) | adapter bytes |\n|---|---|---|---|---|")
     for row in rows:
         print(

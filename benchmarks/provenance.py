@@ -64,6 +64,8 @@ def machine() -> dict[str, Any]:
 def provenance(command: list[str] | str | None = None) -> dict[str, Any]:
     """Machine, UTC date, git commit (and whether the tree had uncommitted changes) and the command.
 
+    Take it when the run starts (the commit and date of the code that ran); `finish` adds the end time.
+
     Args:
         command: The command that produced the results (default: this process's own command line).
     """
@@ -78,6 +80,16 @@ def provenance(command: list[str] | str | None = None) -> dict[str, Any]:
         "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "machine": machine(),
     }
+
+
+def finish(prov: dict[str, Any]) -> dict[str, Any]:
+    """Add the end time and the load average at the end to a `provenance` taken when the run started."""
+    prov["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        prov["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return prov
 
 
 def spread(values: list[float]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import ROOT, provenance, write_results  # noqa: E402 - a sibling module
+from provenance import ROOT, finish, provenance, write_results  # noqa: E402 - a sibling module
 
 RUN_DIR = ROOT / "runs" / "orders"
 
@@ -74,7 +74,9 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="extra flags for lorakit train (after --)")
     args = p.parse_args()
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    results = {"provenance": provenance(), **record(args.extra, Path(args.log))}
+    prov = provenance()
+    results = {"provenance": prov, **record(args.extra, Path(args.log))}
+    finish(prov)
     write_results(args.out, results)
     b, a = results["before"], results["after"]
     print(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import ROOT, provenance, write_results  # noqa: E402 - a sibling module
+from provenance import ROOT, finish, provenance, write_results  # noqa: E402 - a sibling module
 
 
 def main() -> None:
@@ -51,6 +51,7 @@ def main() -> None:
         str(run_dir.relative_to(ROOT)),
         "--overwrite",
     ]
+    prov = provenance()
     start = time.perf_counter()
     launcher = Path(sys.executable).with_name("torchrun")  # this venv's launcher, activated or not
     run_cmd = [str(launcher) if launcher.exists() else "torchrun", *cmd[1:]]
@@ -62,7 +63,7 @@ def main() -> None:
     states = sorted(run_dir.glob("checkpoint-*/trainer_state.json"), key=lambda q: int(q.parent.name.split("-")[1]))
     state = json.loads(states[-1].read_text())
     results = {
-        "provenance": provenance(),
+        "provenance": finish(prov),
         "torchrun_command": cmd,
         "processes": state["world_size"],
         "whole_command_seconds": round(wall, 1),

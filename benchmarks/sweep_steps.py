@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import ROOT, provenance, spread, write_results  # noqa: E402 - a sibling module
+from provenance import ROOT, finish, provenance, spread, write_results  # noqa: E402 - a sibling module
 
 CONFIG = "examples/json_extraction.yaml"
 
@@ -56,13 +56,14 @@ def child(steps: int, seed: int, run_dir: str) -> dict:
 def train_once(steps: int, seed: int, run_dir: Path) -> dict:
     """One run in its own process; returns its held-out metrics and timing."""
     cmd = [sys.executable, __file__, "--child", str(steps), str(seed), str(run_dir)]
+    prov = provenance(cmd)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"steps": steps, "seed": seed, "provenance": provenance(cmd), "wall_seconds": round(wall, 1), **out}
+    return {"steps": steps, "seed": seed, "provenance": finish(prov), "wall_seconds": round(wall, 1), **out}
 
 
 def summarize(runs: list[dict]) -> dict[str, dict]:
