@@ -27,7 +27,7 @@ from provenance import ROOT, finish, provenance, spread, write_results  # noqa: 
 CONFIG = "examples/json_extraction.yaml"
 
 
-def child(steps: int, seed: int, run_dir: str) -> dict:
+def child(config: str, steps: int, seed: int, run_dir: str) -> dict:
     """In a fresh process: ``lorakit train``'s run with the config's settings but ``steps`` and ``seed``.
 
     The base model's generation eval (identical in every run, and the slowest part: the base rambles to the
@@ -41,7 +41,7 @@ def child(steps: int, seed: int, run_dir: str) -> dict:
     from lorakit.train.evaluate import generation_eval
     from lorakit.train.precision import choose_threads, make_autocast
 
-    cfg = build_config(CONFIG, max_steps=steps, seed=seed, output_dir=run_dir, overwrite=True, progress=False,
+    cfg = build_config(config, max_steps=steps, seed=seed, output_dir=run_dir, overwrite=True, progress=False,
                        eval_generate=False)  # fmt: skip
     model, tok = load_model(cfg.model)
     result = run_training(cfg, model=model, tokenizer=tok)
@@ -53,9 +53,9 @@ def child(steps: int, seed: int, run_dir: str) -> dict:
             "after": {**g.summary(), "eval_loss": result.after["eval_loss"]}}  # fmt: skip
 
 
-def train_once(steps: int, seed: int, run_dir: Path) -> dict:
+def train_once(config: str, steps: int, seed: int, run_dir: Path) -> dict:
     """One run in its own process; returns its held-out metrics and timing."""
-    cmd = [sys.executable, __file__, "--child", str(steps), str(seed), str(run_dir)]
+    cmd = [sys.executable, __file__, "--child", config, str(steps), str(seed), str(run_dir)]
     prov = provenance(cmd)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -91,7 +91,7 @@ def table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _record(out: Path, run: dict) -> list[dict]:
+def _record(out: Path, config: str, run: dict) -> list[dict]:
     """Add one run to the results file under a lock, re-reading it first: several sweeps may share one file."""
     import fcntl
     import tempfile
@@ -101,7 +101,7 @@ def _record(out: Path, run: dict) -> list[dict]:
         runs = json.loads(out.read_text())["runs"] if out.is_file() else []
         runs = [r for r in runs if (r["steps"], r["seed"]) != (run["steps"], run["seed"])] + [run]
         runs.sort(key=lambda r: (r["steps"], r["seed"]))
-        write_results(out, {"provenance": provenance(), "config": CONFIG, "runs": runs, "summary": summarize(runs)})
+        write_results(out, {"provenance": provenance(), "config": config, "runs": runs, "summary": summarize(runs)})
     return runs
 
 
@@ -111,10 +111,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep_steps.json"))
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "sweep_steps"))
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--config", default=CONFIG, help="the run's settings (default: the main job's)")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(int(args.child[0]), int(args.child[1]), args.child[2])))
+        print(json.dumps(child(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])))
         return
     out = Path(args.out)
     runs = json.loads(out.read_text())["runs"] if out.is_file() else []
@@ -122,9 +123,9 @@ def main() -> None:
         for steps in args.steps:
             if any(r["steps"] == steps and r["seed"] == seed for r in runs):
                 continue
-            run = train_once(steps, seed, Path(args.runs_dir) / f"steps{steps}_seed{seed}")
+            run = train_once(args.config, steps, seed, Path(args.runs_dir) / f"steps{steps}_seed{seed}")
             print(f"steps {steps} seed {seed}: {run['after']}", flush=True)
-            runs = _record(out, run)
+            runs = _record(out, args.config, run)
     print(table(summarize(runs)))
     print(f"wrote {out}")
 
