@@ -35,11 +35,11 @@ def child(config: str, steps: int, seed: int, run_dir: str) -> dict:
     that ``lorakit train`` runs, with the config's settings.
     """
     from lorakit.models import load_model
-    from lorakit.train import run_training
-    from lorakit.train.config import build_config
-    from lorakit.train.data import read_jsonl
-    from lorakit.train.evaluate import generation_eval
-    from lorakit.train.precision import choose_threads, make_autocast
+    from lorakit.training import run_training
+    from lorakit.training.data import read_jsonl
+    from lorakit.training.evaluate import generation_eval
+    from lorakit.training.precision import choose_threads, make_autocast
+    from lorakit.training.train_config import build_config
 
     cfg = build_config(config, max_steps=steps, seed=seed, output_dir=run_dir, overwrite=True, progress=False,
                        eval_generate=False)  # fmt: skip
