@@ -166,7 +166,8 @@ def causal_lm_loss(
 
     Args:
         model: A Hugging Face causal LM (possibly LoRA-wrapped).
-        batch: ``input_ids``, ``attention_mask``, ``labels``, each (batch, seq).
+        batch: ``input_ids``, ``labels`` and ``attention_mask`` (padded) or ``position_ids`` (packed; see
+            `lorakit.train.packing`), each (batch, seq).
         reduction: ``"mean"`` over learned tokens or ``"sum"``.
         split_head: Run the decoder and the head separately when that is exact (see the module docstring);
             False always calls ``model(...)`` (FSDP needs its root module's forward to run).
@@ -179,12 +180,17 @@ def causal_lm_loss(
     parts = _split_head(model) if split_head else None
     if parts is not None:
         decoder, head = parts
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = decoder(input_ids=batch["input_ids"], **_attention_inputs(batch)).last_hidden_state
         chunk = CE_CHUNK_ROWS if chunk_size is None else chunk_size
         if chunk > 0 and _is_plain_linear(head):
             return chunked_head_loss(hidden[:, :-1][keep], head, labels[keep], reduction, chunk)
         logits = head(hidden[:, :-1][keep])  # (n_learned, vocab)
     else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], **_attention_inputs(batch))
         logits = out.logits[:, :-1][keep]
     return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
+
+
+def _attention_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``attention_mask`` of a padded batch, or ``position_ids`` of a packed one (whose mask the model derives)."""
+    return {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}

@@ -21,11 +21,13 @@ from lorakit.train import checkpoint as ckpt
 from lorakit.train import distributed as dist
 from lorakit.train import preflight
 from lorakit.train.config import TrainConfig, build_config
-from lorakit.train.data import display_prompt, read_jsonl, split_train_eval, tokenize_rows
+from lorakit.train.data import display_prompt, tokenize_rows
 from lorakit.train.evaluate import eval_loss, format_table, generation_eval
 from lorakit.train.loop import Trainer
 from lorakit.train.plot import plot_loss
 from lorakit.train.precision import choose_threads, make_autocast
+from lorakit.train.sources import read_train_eval
+from lorakit.train.trackers import Trackers, parse_report_to, require_trackers
 
 logger = logging.getLogger("lorakit.train")
 ADAPTER = "default"
@@ -177,11 +179,8 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
     if model is not None and tokenizer is None:
         raise ValueError("run_training(model=...) also needs tokenizer=...")
     run_cfg = dist.on_main(d, lambda: _per_process_batch(cfg, d), "checking the batch size")
-    rows = read_jsonl(cfg.data, cfg.skip_bad_lines)
-    if cfg.eval_data:
-        eval_rows = read_jsonl(cfg.eval_data, cfg.skip_bad_lines)
-    else:
-        rows, eval_rows = split_train_eval(rows, cfg.eval_ratio, cfg.seed)
+    rows, eval_rows = read_train_eval(cfg)
+    require_trackers(parse_report_to(cfg.report_to))  # a missing extra fails before the model loads
     out = dist.on_main(
         d, lambda: ckpt.prepare_output_dir(cfg.output_dir, cfg.to_dict(), cfg.resume, cfg.overwrite),
         "checking the output directory",
@@ -193,7 +192,7 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
                     run_cfg.gradient_accumulation_steps, d.world_size)  # fmt: skip
     if model is None:
         model, tokenizer = _load_base(cfg, d)
-    from lorakit import add_adapter, disabled, save_adapter
+    from lorakit import add_adapter, save_adapter
     from lorakit.state import adapter_state_dict
 
     if cfg.quantize:
@@ -211,6 +210,8 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
     eval_examples = tokenize_rows(eval_rows, tokenizer, cfg.max_length, cfg.mask_prompt, cfg.chat_template)[0] \
         if eval_rows else []  # fmt: skip
     logger.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
+    if cfg.packing:
+        train_examples = _pack(model, train_examples, cfg.max_length)
     logger.info(preflight.targets_summary(model, ADAPTER))
     preflight.check_round_trip(model, ADAPTER)
     if d.enabled:
@@ -230,6 +231,32 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
         on_first_backward=lambda: preflight.check_gradients(model, ADAPTER),
         dist=d,
     )  # fmt: skip
+    trackers = Trackers(parse_report_to(cfg.report_to) if d.is_main else (), out)
+    try:
+        return _train_and_report(cfg, model, tokenizer, d, out, trainer, trackers, eval_rows, eval_examples, pad_id,
+                                 autocast)  # fmt: skip
+    finally:
+        trackers.close()
+
+
+def _pack(model, examples, max_length: int):
+    from lorakit.train.packing import check_packing_support, pack
+
+    check_packing_support(model)
+    packed = pack(examples, max_length)
+    waste = 1 - sum(len(e) for e in examples) / (max_length * len(packed))
+    logger.info("packing: %d examples -> %d rows of <= %d tokens (%.1f%% of the row tokens are padding)",
+                len(examples), len(packed), max_length, 100 * waste)  # fmt: skip
+    return packed
+
+
+def _train_and_report(cfg, model, tokenizer, d, out, trainer, trackers, eval_rows, eval_examples, pad_id,
+                      autocast) -> TrainResult:  # fmt: skip
+    from lorakit import disabled, save_adapter
+    from lorakit.state import adapter_state_dict
+
+    trainer.on_log = trackers.log
+    trackers.log_config(cfg.to_dict())
     before_file = out / "eval_before.json"
     if cfg.resume and before_file.is_file():
         before = json.loads(before_file.read_text(encoding="utf-8"))
@@ -274,6 +301,7 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
                "trainable_params": result.trainable_params, "samples": result.samples}  # fmt: skip
     if d.is_main:
         ckpt.atomic_write_text(out / "eval_results.json", json.dumps(summary, indent=2) + "\n")
+    trackers.log_final(result.steps, result.before, result.after)
     return result
 
 
