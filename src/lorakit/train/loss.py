@@ -16,6 +16,8 @@ the cross-entropy in fp32, as ``head(h).float()`` would).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -191,6 +193,12 @@ def causal_lm_loss(
     return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
 
 
-def _attention_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``attention_mask`` of a padded batch, or ``position_ids`` of a packed one (whose mask the model derives)."""
-    return {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+def _attention_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``attention_mask`` of a padded batch, or ``position_ids`` of a packed one.
+
+    From restarting position ids (and no 2-D mask) Hugging Face models build the block-diagonal mask, but only
+    without a KV cache, so ``use_cache=False`` goes along (the models' default would create one).
+    """
+    if "position_ids" in batch and "attention_mask" not in batch:
+        return {"position_ids": batch["position_ids"], "use_cache": False}
+    return {"attention_mask": batch["attention_mask"]}

@@ -5,9 +5,9 @@ Packing concatenates examples into rows of at most ``max_length`` tokens (best-f
 longest first, goes into the fullest row it still fits) and keeps them independent:
 
 * ``position_ids`` restart at 0 for every example, so rotary/learned positions are those of the example alone;
-* no 2-D ``attention_mask`` is passed: from the restarting positions Hugging Face models build a block-diagonal
-  causal mask (eager / SDPA) or run the attention kernel's variable-length path (FlashAttention 2), so no token
-  sees another example;
+* no 2-D ``attention_mask`` is passed (and no KV cache is made): from the restarting positions Hugging Face
+  models build a block-diagonal causal mask (eager / SDPA) or run the attention kernel's variable-length path
+  (FlashAttention 2), so no token sees another example;
 * the label of each example's first token is ``IGNORE_INDEX``, so no example is trained to predict the first
   token of the next one (unpacked, that token is never a target either: nothing precedes it).
 
