@@ -88,6 +88,8 @@ class MlflowTracker:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # MLflow 3 keeps the file store but asks for consent; a per-run folder needs no database server.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "lorakit"))
         self.run = mlflow.start_run(run_name=run_name)
