@@ -41,11 +41,11 @@ import torch
 
 import lorakit
 from lorakit.state import adapter_state_dict, load_adapter_state_dict
-from lorakit.train.collate import batch_order, collate
-from lorakit.train.data import Example
-from lorakit.train.evaluate import eval_loss
-from lorakit.train.loss import causal_lm_loss
-from lorakit.train.packing import collate_packed, pack, padding_waste
+from lorakit.training.collate import batch_order, collate
+from lorakit.training.data import Example
+from lorakit.training.evaluate import eval_loss
+from lorakit.training.loss import causal_lm_loss
+from lorakit.training.packing import collate_packed, pack, padding_waste
 
 MODES = ("padded", "grouped", "packed")
 WORDS = "zero one two three four five six seven eight nine".split()
