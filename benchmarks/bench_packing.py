@@ -20,7 +20,7 @@ character vocabulary of 128: the decoder dominates the cost, as in a real LLM); 
 name ``lorakit.load_model`` takes (``smollm2-135m-instruct``) runs on that model and its tokenizer instead (on a
 shared 2-core box that takes far longer than a few minutes).
 
-Run: python benchmarks/bench_packing.py [--reps 3] [--examples 96] [--max-length 256] [--model tiny-llama]
+Run: python benchmarks/bench_packing.py [--reps 3] [--examples 64] [--max-length 256] [--model tiny-llama]
 Writes benchmarks/results/packing.json and prints a Markdown table.
 """
 
@@ -109,8 +109,8 @@ def load(name: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--examples", type=int, default=96)
-    ap.add_argument("--eval-examples", type=int, default=16)
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--eval-examples", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--packed-batch", type=int, default=None)

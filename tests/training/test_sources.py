@@ -138,16 +138,16 @@ def test_large_file_is_scanned_with_bounded_python_memory(tmp_path):
 
 
 def test_hub_dataset_id_with_config_and_split_loads_from_a_loopback_hub(tmp_path, monkeypatch):
-    hub_server = pytest.importorskip("hub_server")
+    from dataset_hub import DatasetHub
     from huggingface_hub import constants
 
     readme = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train.csv\n"
               "  - split: test\n    path: test.csv\n"
               "- config_name: alpaca\n  data_files: alpaca.csv\n---\n")  # fmt: skip
-    with hub_server.FakeHub() as hub:
-        hub.add_repo("org/rows", {"README.md": readme, "train.csv": "prompt,completion\nup abc,ABC\nup bad,BAD\n",
+    with DatasetHub() as hub:
+        hub.add("org/rows", {"README.md": readme, "train.csv": "prompt,completion\nup abc,ABC\nup bad,BAD\n",
                                   "test.csv": "prompt,completion\nup fed,FED\n",
-                                  "alpaca.csv": "instruction,output\nup,UP\n"}, repo_type="dataset")  # fmt: skip
+                                  "alpaca.csv": "instruction,output\nup,UP\n"})  # fmt: skip
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
         monkeypatch.setattr(
