@@ -76,3 +76,28 @@ def test_jsonl_row_fitting_no_format_names_file_line_and_keys(tmp_path):
     f = write_jsonl(tmp_path / "odd.jsonl", [{"text": "ok"}, {"question": "q", "reply": "r"}])
     with pytest.raises(DataError, match=r"odd.jsonl:2: line has keys \['question', 'reply'\]; expected .*Alpaca"):
         read_jsonl(f)
+
+
+def test_data_flags_reach_the_config():
+    import argparse
+
+    from lorakit.cli.options import add_train_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    argv = ["--data", "org/name", "--data-split", "validation", "--data-config", "small", "--eval-split", "0.2",
+            "--format", "alpaca", "--prompt-column", "q", "--completion-column", "a", "--packing",
+            "--no-group-by-length", "--report-to", "tensorboard,wandb"]  # fmt: skip
+    c = config_from_args(p.parse_args(argv))
+    assert (c.data_split, c.data_config, c.eval_ratio, c.format) == ("validation", "small", 0.2, "alpaca")
+    assert (c.prompt_column, c.completion_column, c.packing, c.group_by_length) == ("q", "a", True, False)
+    assert c.report_to == "tensorboard,wandb"
+
+
+def test_cli_names_the_bad_row_in_one_line_before_loading_a_model(tmp_path, capsys):
+    from lorakit.cli import main
+
+    f = write_jsonl(tmp_path / "odd.jsonl", [{"text": "ok"}, {"question": "q"}])
+    code = main(["train", "--data", str(f), "--output-dir", str(tmp_path / "o"), "--model", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1].startswith("lorakit: error: ") and "odd.jsonl:2: line has keys ['question']" in err[-1]
