@@ -17,7 +17,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--adapter", default=None, help="adapter folder (PEFT format) or Hub id (org/adapter); omitted: base model only"
     )
     add_model_args(parser)
-    parser.add_argument("--data", required=True, help="JSONL with prompt/completion or messages rows")
+    parser.add_argument("--data", required=True, help="eval rows, any source train takes: prompt/completion or chat")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16 tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
