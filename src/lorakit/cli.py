@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _commands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]]:
     """The subcommands: name -> (help, add_arguments(parser), run(args) -> exit status)."""
-    from lorakit.commands import combine, info, inspect, merge, resize, serve, sweep
+    from lorakit.commands import check, combine, export, info, inspect, merge, resize, serve, sweep
     from lorakit.train.commands import COMMANDS as TRAIN_COMMANDS
 
     return {
@@ -44,6 +44,12 @@ def _commands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], None
         "inspect": ("singular-value spectra and effective rank of an adapter's updates", inspect.add_args, inspect.run),
         "sweep": ("train a grid of r / alpha / target sets and compare them", sweep.add_args, sweep.run),
         "serve": ("serve a base model and its adapters over an OpenAI-compatible API", serve.add_args, serve.run),
+        "export": (
+            "export an adapter to GGUF (llama.cpp, Ollama; or merged) or a flat PEFT adapter",
+            export.add_args,
+            export.run,
+        ),
+        "check": ("say what vLLM, llama.cpp, LoRAX, TGI or PEFT would reject or ignore", check.add_args, check.run),
     }
 
 
