@@ -26,6 +26,7 @@ __all__ = [
     "ModuleFactors",
     "adapter_facts",
     "base_info",
+    "base_info_for",
     "export_flat_peft",
     "export_gguf_adapter",
     "export_gguf_merged",
@@ -45,8 +46,6 @@ def resolve_base(files: AdapterFiles, model: str | os.PathLike[str] | None = Non
     Raises:
         ModelNotFoundError: neither names a model that is here.
     """
-    from lorakit.models import resolve_model_source
-
     name = model if model is not None else files.config.get("base_model_name_or_path")
     if not name:
         raise ModelNotFoundError(
@@ -54,10 +53,17 @@ def resolve_base(files: AdapterFiles, model: str | os.PathLike[str] | None = Non
             f"(an embedded name, a Hugging Face folder or a .gguf file)."
         )
     try:
-        source = resolve_model_source(name)
+        return base_info_for(name)
     except ModelNotFoundError as exc:
         hint = "" if model is not None else " (from the adapter's base_model_name_or_path; pass --model to override)"
         raise ModelNotFoundError(f"{exc}{hint}") from exc
+
+
+def base_info_for(name_or_path: str | os.PathLike[str]) -> BaseInfo:
+    """`BaseInfo` of a model name or path; a lorakit cache folder stands for the GGUF file it was made from."""
+    from lorakit.models import resolve_model_source
+
+    source = resolve_model_source(name_or_path)
     if source.kind == "hf_dir":
         marker = source.path / "lorakit_cache.json"
         if marker.is_file():
