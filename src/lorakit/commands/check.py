@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "say what vLLM, llama.cpp, LoRAX, TGI or PEFT would reject or silently ignore in an adapter"
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     from lorakit.runtimes import RUNTIMES

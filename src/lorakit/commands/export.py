@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lorakit.errors import FormatError, IncompatibleAdapterError
 
+HELP = "export an adapter to GGUF (llama.cpp, Ollama), a merged GGUF model, or a flat PEFT adapter"
 _QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+HELP = "serve a base model and its adapters over an OpenAI-compatible API"
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model: embedded name (default), HF folder or .gguf file")
@@ -38,9 +40,15 @@ def run(args: argparse.Namespace) -> int:
     base_name = source.name if source.kind == "embedded" else Path(source.name).name
     model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
     state = build_state(
-        model, tokenizer, base_name=base_name, adapters_dir=args.adapters, max_adapters=args.max_adapters,
-        max_batch_size=args.max_batch_size, max_tokens=args.max_tokens, merge=args.merge,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        base_name=base_name,
+        adapters_dir=args.adapters,
+        max_adapters=args.max_adapters,
+        max_batch_size=args.max_batch_size,
+        max_tokens=args.max_tokens,
+        merge=args.merge,
+    )
     served = state.model_names()
     print(f"lorakit serve: http://{args.host}:{args.port}/v1 models: {served[:10]}{' ...' if len(served) > 10 else ''}")
     serve(state, args.host, args.port, args.log_level)

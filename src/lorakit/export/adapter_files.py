@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lorakit.config import LoraConfig
 from lorakit.errors import FormatError
-from lorakit.io.checkpoint import read_adapter_dir
+from lorakit.io.atomic import read_adapter_dir
 from lorakit.io.peft_format import PREFIX
 
 _A_SUFFIXES = {".lora_A.weight": "linear", ".lora_embedding_A": "embedding"}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.export.adapter_files import AdapterFiles
-from lorakit.io.checkpoint import write_adapter_dir
+from lorakit.io.atomic import write_adapter_dir
 from lorakit.io.peft_format import PREFIX
 
 _KEYS = {"linear": (".lora_A.weight", ".lora_B.weight"), "embedding": (".lora_embedding_A", ".lora_embedding_B")}
