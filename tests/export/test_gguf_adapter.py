@@ -107,3 +107,13 @@ def test_flat_peft_export_keeps_the_update_and_peft_reads_it(tmp_path):
     model = peft.PeftModel.from_pretrained(tiny_llama(), str(flat))
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(q.get_delta_weight("default"), before["model.layers.0.self_attn.q_proj"])
+
+
+def test_token_embedding_pairs_have_the_shapes_llama_cpp_validates(tmp_path):
+    """llama-adapter.cpp: for token_embd, A and B are flipped: b.ne[1] == n_embd and a.ne[1] == n_vocab."""
+    folder = write_adapter(tmp_path / "ad", targets=("embed_tokens", "q_proj"))
+    export_gguf_adapter(read_adapter_files(folder), tiny_llama_base(), tmp_path / "ad.gguf")
+    ne = {t.name: tuple(int(d) for d in t.shape) for t in gguf.GGUFReader(tmp_path / "ad.gguf").tensors}
+    n_embd, n_vocab, r = 32, 128, 4
+    assert ne["token_embd.weight.lora_a"] == (r, n_vocab) and ne["token_embd.weight.lora_b"] == (r, n_embd)
+    assert ne["blk.0.attn_q.weight.lora_a"] == (n_embd, r) and ne["blk.0.attn_q.weight.lora_b"] == (r, n_embd)
