@@ -48,9 +48,12 @@ def trained(default_model_dir, tmp_path_factory):
 
 
 def lorakit_answers(trained, variant: str) -> list[list[int]]:
-    model, _ = lorakit.load_model(trained["dir"])
-    lorakit.load_adapter(model, trained["folder"] / variant)
-    return lorakit_greedy(model, trained["prompts"], MAX_NEW, trained["stops"])
+    """lorakit's greedy answers with an adapter variant loaded from its folder (computed once per variant)."""
+    if variant not in trained:
+        model, _ = lorakit.load_model(trained["dir"])
+        lorakit.load_adapter(model, trained["folder"] / variant)
+        trained[variant] = lorakit_greedy(model, trained["prompts"], MAX_NEW, trained["stops"])
+    return trained[variant]
 
 
 @pytest.mark.parametrize("variant", ["plain", "patterned"])
