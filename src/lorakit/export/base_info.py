@@ -66,7 +66,9 @@ class BaseInfo:
     def tensor_name(self, module_path: str) -> str | None:
         """The GGUF weight name (``blk.0.attn_q.weight``) of a Hugging Face module path, or None."""
         gguf = gguf_module()
-        arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch)
+        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch), None)
+        if arch is None:  # an architecture this gguf package does not know
+            return None
         name = gguf.get_tensor_name_map(arch, self.n_layer).get_name(module_path)
         return None if name is None else f"{name}.weight"
 
