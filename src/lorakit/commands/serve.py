@@ -20,6 +20,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="model dtype (float32, bf16, fp16)")
     parser.add_argument("--device", default=None, help="torch device (default: CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--runs", default=None, metavar="DIR", help="folder of training runs shown on the web page")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters!r} is not a folder; give a folder of adapter sub-folders")
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise ConfigError(f"--runs {args.runs!r} is not a folder; give the folder your training runs are written to")
     name = args.model or default_model_name()
     source = resolve_model_source(name)
     base_name = source.name if source.kind == "embedded" else Path(source.name).name
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         merge=args.merge,
     )
+    state.runs_dir = Path(args.runs) if args.runs is not None else None
     served = state.model_names()
     print(f"lorakit serve: http://{args.host}:{args.port}/v1 models: {served[:10]}{' ...' if len(served) > 10 else ''}")
     serve(state, args.host, args.port, args.log_level)
