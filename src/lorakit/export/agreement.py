@@ -52,9 +52,11 @@ def llama_cpp_greedy(
     llama_cpp = llama_cpp_module()
     kwargs = {"lora_path": str(lora_path)} if lora_path is not None else {}
     n_ctx = max(len(p) for p in prompts) + max_new + 8
+    # logits_all: llama-cpp-python >= 0.3 keeps no logits in `scores` otherwise (sampling moved into llama.cpp)
     llm = llama_cpp.Llama(
-        str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, **kwargs
-    )
+        str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False,
+        **kwargs,
+    )  # fmt: skip
     out = []
     try:
         for ids in prompts:
