@@ -36,6 +36,7 @@ __all__ = [
     "base_model_id",
     "cache_path",
     "default_model_name",
+    "embedded_name",
     "ensure_cached",
     "load_model",
     "resolve_model_source",
@@ -126,6 +127,11 @@ def resolve_model_source(name_or_path: str | os.PathLike[str], revision: str | N
             f"{'embedded model' if source.kind == 'embedded' else 'path'}; drop --revision."
         )
     return source
+
+
+def embedded_name(hub_id: str) -> str | None:
+    """The embedded model that is a copy of the Hub model ``hub_id`` (case-insensitive), or None."""
+    return next((n for n, i in EMBEDDED_HUB_IDS.items() if i.lower() == hub_id.strip().lower()), None)
 
 
 def base_model_id(name_or_path: str | os.PathLike[str] | None) -> str | None:
@@ -261,10 +267,10 @@ def _fetch(source: ModelSource) -> Path:
     try:
         return hub.fetch_model(source.name, source.revision)
     except HubError as e:
-        embedded = [n for n, i in EMBEDDED_HUB_IDS.items() if i.lower() == source.name.lower()]
-        if not embedded:
+        embedded = embedded_name(source.name)
+        if embedded is None:
             raise
-        raise HubError(f"{e} (lorakit's embedded copy of this model loads offline as {embedded[0]!r}.)") from e
+        raise HubError(f"{e} (lorakit's embedded copy of this model loads offline as {embedded!r}.)") from e
 
 
 def _record_name(model: Any, source: ModelSource) -> None:
