@@ -159,17 +159,10 @@ def routed_scale(layer, names: list[str], idx: Tensor) -> Tensor | None:
 
 @torch.no_grad()
 def merged_weight(layer, name: str, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``(g * (W + s B A), g)`` in fp32 in ``weight``'s layout; ``g`` is needed again to unmerge."""
+    """``(g * (W + s B A), g)`` in fp32 in ``weight``'s layout (unmerging restores the kept weight and replays)."""
     w = weight.float()
     a, b, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     norm = row_norm(w, a, b, s, layer.fan_in_fan_out)
     g = layer.lora_magnitude_vector[name].float() / norm  # (out,)
     g_view = g[None, :] if layer.fan_in_fan_out else g[:, None]
     return g_view * (w + layer.delta_weight(name)), g
-
-
-@torch.no_grad()
-def unmerged_weight(layer, name: str, weight: Tensor, g: Tensor) -> Tensor:
-    """Invert `merged_weight`: ``W' / g - s B A`` (fp32)."""
-    g_view = g[None, :] if layer.fan_in_fan_out else g[:, None]
-    return weight.float() / g_view - layer.delta_weight(name)

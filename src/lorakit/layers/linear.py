@@ -84,17 +84,10 @@ class LoraLinear(LoraLayer):
     def _merge_into(self, weight: Tensor, name: str) -> None:
         if not self.is_dora(name):
             return super()._merge_into(weight, name)
-        new, g = dora.merged_weight(self, name, weight)
+        new, _ = dora.merged_weight(self, name, weight)
         if not torch.isfinite(new).all():
             raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
-        self.__dict__.setdefault("_dora_merged_scale", {})[name] = g  # unmerge needs the norm of merge time
         weight.copy_(new.to(weight.dtype))
-
-    def _unmerge_from(self, weight: Tensor, name: str) -> None:
-        if not self.is_dora(name):
-            return super()._unmerge_from(weight, name)
-        g = self.__dict__["_dora_merged_scale"].pop(name)
-        weight.copy_(dora.unmerged_weight(self, name, weight, g).to(weight.dtype))
 
     def delete(self, name: str) -> None:
         super().delete(name)

@@ -31,6 +31,7 @@ def build_state(
     max_batch_size: int = 8,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     merge: str | None = None,
+    allow_hub_adapters: bool = False,
 ) -> ServeState:
     """Everything a server needs around a loaded ``(model, tokenizer)``.
 
@@ -43,6 +44,7 @@ def build_state(
         max_batch_size: Most requests decoding together.
         max_tokens: Most tokens one request may ask for (also capped by the context length).
         merge: Serve only this adapter (a folder of ``adapters_dir`` or a path), merged into the base weights.
+        allow_hub_adapters: ``POST /v1/adapters`` may name a Hub id as the path (downloaded into the HF cache).
 
     Raises:
         ConfigError: bad sizes; AdapterNotFoundError / FormatError / IncompatibleAdapterError for ``merge``.
@@ -63,7 +65,12 @@ def build_state(
         return ServeState(model, tokenizer, base_name, batcher, metrics, limits, None, merged=name)
     batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=True, metrics=metrics)
     registry = AdapterRegistry(
-        model, adapters_dir, max_adapters=max_adapters, run_on_model=batcher.call, reserved=(base_name,)
+        model,
+        adapters_dir,
+        max_adapters=max_adapters,
+        run_on_model=batcher.call,
+        reserved=(base_name,),
+        allow_hub=allow_hub_adapters,
     )
     return ServeState(model, tokenizer, base_name, batcher, metrics, limits, registry)
 

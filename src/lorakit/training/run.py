@@ -27,10 +27,13 @@ from lorakit.state import adapter_state_dict
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist
 from lorakit.training import preflight
-from lorakit.training.data import display_prompt, read_jsonl, split_train_eval, tokenize_rows
+from lorakit.training.data import display_prompt, tokenize_rows
 from lorakit.training.evaluate import eval_loss, format_table, generation_eval
 from lorakit.training.loop import Trainer
+from lorakit.training.packing import check_packing_support, pack
 from lorakit.training.precision import choose_threads, make_autocast
+from lorakit.training.sources import read_train_eval
+from lorakit.training.trackers import Trackers, parse_report_to, require_trackers
 from lorakit.training.train_config import TrainConfig, build_config
 
 logger = logging.getLogger("lorakit.training")
@@ -59,10 +62,10 @@ class TrainResult:
         return format_table({"before": self.before, "after": self.after})
 
 
-def _load_model(name: str):
+def _load_model(name: str, revision: str | None = None, dtype: str = "fp32"):
     from lorakit.models import load_model
 
-    return load_model(name)
+    return load_model(name, revision=revision, dtype=dtype)
 
 
 def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
@@ -79,8 +82,17 @@ def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
         use_dora=cfg.use_dora,
         init_lora_weights=cfg.init_lora_weights,
         task_type="CAUSAL_LM",
-        base_model_name_or_path=cfg.model,
+        base_model_name_or_path=_base_name(cfg, model),
+        revision=cfg.revision,
     )
+
+
+def _base_name(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
+    """The Hub id when one is known (what PEFT, vLLM and llama.cpp look the base up by), else the name given."""
+    from lorakit.models import base_model_id
+
+    loaded = getattr(model, "name_or_path", None)
+    return loaded if isinstance(loaded, str) and loaded else base_model_id(cfg.model)
 
 
 def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -135,10 +147,10 @@ def _load_base(cfg: TrainConfig, d: dist.Dist):
     """Load the base model; with several processes per machine, local rank 0 first (it fills the model cache)."""
     from lorakit.models import resolve_model_source
 
-    resolve_model_source(cfg.model)  # a bad name fails on every process alike, before anyone waits
+    resolve_model_source(cfg.model, cfg.revision)  # a bad name fails on every process alike, before anyone waits
     if d.enabled and d.local_rank != 0:
         dist.barrier(d, "waiting for local rank 0 to load the model")
-    model, tokenizer = _load_model(cfg.model)
+    model, tokenizer = _load_model(cfg.model, cfg.revision, cfg.dtype)
     if d.enabled and d.local_rank == 0:
         dist.barrier(d, "waiting for the other processes to load the model")
     # Under FSDP the model stays on the CPU: fully_shard moves each layer to the device as it shards it, so the
@@ -198,7 +210,8 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
             "run_training(model=...) also needs tokenizer=...: pass the tokenizer that goes with the model"
         )
     run_cfg = dist.on_main(d, lambda: _per_process_batch(cfg, d), "checking the batch size")
-    rows, eval_rows = _read_rows(cfg)
+    rows, eval_rows = read_train_eval(cfg)
+    require_trackers(parse_report_to(cfg.report_to))  # a missing extra fails before the model loads
     out = dist.on_main(
         d,
         lambda: ckpt.prepare_output_dir(cfg.output_dir, cfg.to_dict(), cfg.resume, cfg.overwrite),
@@ -212,10 +225,27 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
     if eval_rows:
         eval_examples = tokenize_rows(eval_rows, tokenizer, cfg.max_length, cfg.mask_prompt, cfg.chat_template)[0]
     logger.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
+    if cfg.packing:
+        train_examples = _pack(model, train_examples, cfg.max_length)
     _preflight(model, d)
     autocast = make_autocast(cfg.precision, next(model.parameters()).device)
     evals = _Evals(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d)
     trainer = _make_trainer(model, train_examples, run_cfg, out, pad_id, autocast, evals, d)
+    trackers = Trackers(parse_report_to(cfg.report_to) if d.is_main else (), out)
+    trainer.on_log = trackers.log
+    try:
+        trackers.log_config(cfg.to_dict())
+        result = _train(cfg, trainer, evals, out, d)
+        if result.status == "completed":
+            trackers.log_final(result.steps, result.before, result.after)
+        return result
+    finally:
+        trackers.close()
+
+
+def _train(cfg: TrainConfig, trainer: Trainer, evals: _Evals, out: Path, d: dist.Dist) -> TrainResult:
+    """Evaluate the base, train (or resume), then save and evaluate the adapter."""
+    model = evals.model
     before = _eval_before(out, cfg, evals, d)
     if cfg.resume:
         trainer.resume()  # restores the RNG state saved with the checkpoint
@@ -247,12 +277,16 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
     return _finish(result, model, evals, d)
 
 
-def _read_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """Training and eval rows: ``eval_data`` when given, else ``eval_ratio`` of ``data`` held out (seeded)."""
-    rows = read_jsonl(cfg.data, cfg.skip_bad_lines)
-    if cfg.eval_data:
-        return rows, read_jsonl(cfg.eval_data, cfg.skip_bad_lines)
-    return split_train_eval(rows, cfg.eval_ratio, cfg.seed)
+def _pack(model, examples, max_length: int):
+    """``--packing``: the examples packed into ``max_length`` rows (see `lorakit.training.packing`)."""
+    check_packing_support(model)
+    packed = pack(examples, max_length)
+    waste = 1 - sum(len(e) for e in examples) / (max_length * len(packed))
+    logger.info(
+        "packing: %d examples -> %d rows of <= %d tokens (%.1f%% of the row tokens are padding)",
+        len(examples), len(packed), max_length, 100 * waste,
+    )  # fmt: skip
+    return packed
 
 
 def _log_processes(run_cfg: TrainConfig, d: dist.Dist) -> None:
@@ -372,7 +406,21 @@ def _finish(result: TrainResult, model, evals: _Evals, d: dist.Dist) -> TrainRes
     }
     if d.is_main:
         atomic_write_text(out / "eval_results.json", json.dumps(summary, indent=2) + "\n")
+        _write_card(out, evals.cfg, result)
     return result
+
+
+def _write_card(out: Path, cfg: TrainConfig, result: TrainResult) -> None:
+    """The adapter's model card, now with the training settings and the eval table (base vs adapter)."""
+    from lorakit.model_card import CardInfo, update_card
+
+    training = {"data": cfg.data, "eval data": cfg.eval_data or f"{cfg.eval_ratio:.0%} held out",
+                "steps": f"{result.steps} (batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation)",
+                "learning_rate": f"{cfg.learning_rate:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g})",
+                "max_length": cfg.max_length, "loss on": "completions only" if cfg.mask_prompt else "all tokens",
+                "seed": cfg.seed, "train time": f"{result.train_seconds:.0f} s",
+                "final loss": result.final_loss}  # fmt: skip
+    update_card(out, CardInfo(training=training, eval_table=result.table(), title=out.name), result.trainable_params)
 
 
 def _set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor], d: dist.Dist) -> None:

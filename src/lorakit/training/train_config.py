@@ -17,7 +17,6 @@ from typing import Any
 from lorakit.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,16 @@ class TrainConfig:
 
     data: str | None = None
     output_dir: str | None = None
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # embedded name, Hub id (Org/Name), HF folder or .gguf file
+    revision: str | None = None  # Hub branch, tag or commit of a Hub id model
+    dtype: str = "fp32"  # base weights: fp32 | bf16 | fp16 | auto (the checkpoint's dtype on CUDA, fp32 on CPU)
     eval_data: str | None = None
     eval_ratio: float = 0.1  # held out from ``data`` when no ``eval_data`` is given
     # LoRA
     r: int = 16
     lora_alpha: float | None = None  # None: 2 * r (32 at the default r=16)
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | str | None = None  # None: PEFT's default for the architecture
     use_rslora: bool = False  # scaling alpha / sqrt(r)
     use_dora: bool = False  # DoRA: learned magnitude x normalised W + sBA
     init_lora_weights: bool | str = True  # or gaussian | pissa | pissa_niter_K | olora | loftq (see LoraConfig)
@@ -56,6 +57,17 @@ class TrainConfig:
     chat_template: bool = True  # render prompt/completion rows as chat turns when the tokenizer has a template
     group_by_length: bool = True
     skip_bad_lines: bool = False
+    # data sources, formats, packing, trackers (lorakit.training.sources / formats / packing / trackers)
+    data_split: str = "train"  # split of a hub dataset or a saved DatasetDict
+    data_config: str | None = None  # configuration (subset) of a hub dataset
+    eval_data_split: str | None = None  # split of ``eval_data`` (default: data_split)
+    format: str = "auto"  # auto | text | prompt_completion | messages | alpaca | sharegpt
+    text_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    messages_column: str | None = None
+    packing: bool = False  # several examples per max_length row, attention confined to each
+    report_to: str | None = None  # comma-separated: tensorboard, mlflow, wandb
     # runtime
     gradient_checkpointing: bool = False
     quantize: str | None = None  # "nf4": QLoRA, a 4-bit frozen base under full-precision adapters
@@ -117,6 +129,8 @@ class TrainConfig:
             problems.append(f"lr_scheduler={self.lr_scheduler!r} (expected cosine, linear or constant)")
         if self.quantize not in (None, "nf4"):
             problems.append(f"quantize={self.quantize!r} (expected nf4, or unset for a full-precision base)")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"dtype={self.dtype!r} (expected auto, bf16, fp16 or fp32)")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision={self.precision!r} (expected auto, bf16 or fp32)")
         try:  # the LoRA fields are LoraConfig's: its checks, its messages
@@ -127,6 +141,7 @@ class TrainConfig:
             problems.append(str(e).removeprefix("Invalid LoraConfig: ").rstrip("."))
         if self.resume and self.overwrite:
             problems.append("resume=True with overwrite=True (pick one: continue the run or start over)")
+        problems += _data_problems(self)
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems) + ".")
 
@@ -185,6 +200,20 @@ _NUMERIC = frozenset(
         "dist_timeout",
     }
 )
+
+
+def _data_problems(cfg: TrainConfig) -> list[str]:
+    from lorakit.training.formats import FORMAT_CHOICES
+    from lorakit.training.trackers import parse_report_to
+
+    problems = []
+    if cfg.format not in FORMAT_CHOICES:
+        problems.append(f"format={cfg.format!r} (expected one of {', '.join(FORMAT_CHOICES)})")
+    try:
+        parse_report_to(cfg.report_to)
+    except ConfigError as e:
+        problems.append(str(e).rstrip("."))
+    return problems
 
 
 def _coerce_number(v: Any) -> Any:
