@@ -231,3 +231,11 @@ def test_default_model_dora_logits_equal_peft_both_ways(default_model, default_m
     again = PeftModel.from_pretrained(load_model(default_model_dir)[0], tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, theirs, atol=ATOL, rtol=0)
+
+
+def test_trainer_preflight_round_trip_accepts_dora(tiny_llama) -> None:
+    """The trainer's save/load check maps DoRA's key (adapter name last: lora_magnitude_vector.<name>)."""
+    from lorakit.training import preflight
+
+    lorakit.add_adapter(tiny_llama, LoraConfig(**DORA))
+    preflight.check_round_trip(tiny_llama, "default")  # raised PreflightError for every magnitude before the fix
