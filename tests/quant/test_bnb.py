@@ -66,10 +66,32 @@ def llama64():
 
 
 def test_bnb_backend_refuses_shapes_its_cpu_kernel_gets_wrong(tiny_llama):
-    """bitsandbytes 0.50's CPU dequantize is wrong for in_features 32 (blocks straddle rows): refuse, don't drift."""
-    with pytest.raises(lorakit.ConfigError, match="backend='torch'"):
-        quantize(tiny_llama, "nf4", backend="bnb")
-    assert not any(is_bnb_4bit(m) for m in tiny_llama.modules())  # all or nothing
+    """bitsandbytes 0.50's CPU dequantize was wrong for in_features 32 (blocks straddle rows): refuse, don't drift.
+
+    Whether the installed bitsandbytes still has that bug is measured here on one such layer: with the bug,
+    quantize must refuse and change nothing; without it (fixed in later releases), the bnb layers must
+    dequantize to exactly lorakit's NF4 weights.
+    """
+    import bitsandbytes as bnb
+
+    from lorakit.quant.bnb import bnb_dequantized_weight, to_bnb_linear4bit
+
+    probe = to_bnb_linear4bit(torch.nn.Linear(32, 8), double_quant=True)
+    packed, state = probe.weight, probe.weight.quant_state
+    buggy = not torch.allclose(
+        bnb.functional.dequantize_4bit(packed, state).float(), bnb_dequantized_weight(probe, torch.float32), atol=1e-3
+    )
+    if buggy:
+        with pytest.raises(lorakit.ConfigError, match="backend='torch'"):
+            quantize(tiny_llama, "nf4", backend="bnb")
+        assert not any(is_bnb_4bit(m) for m in tiny_llama.modules())  # all or nothing
+        return
+    quantize(tiny_llama, "nf4", backend="bnb")
+    layers = [m for m in tiny_llama.modules() if is_bnb_4bit(m)]
+    assert layers
+    for m in layers:
+        theirs = bnb.functional.dequantize_4bit(m.weight, m.weight.quant_state).float()
+        torch.testing.assert_close(theirs, bnb_dequantized_weight(m, torch.float32), atol=1e-3, rtol=1e-3)
 
 
 def test_lora_on_a_bnb_base_trains_and_matches_the_torch_backend(llama64):
@@ -109,7 +131,10 @@ def test_a_model_loaded_4bit_by_transformers_takes_lorakit_adapters(llama64, tmp
         bnb_4bit_compute_dtype=torch.float32,
     )  # fmt: skip
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config, device_map="cpu")
-    assert disable_cpu_repacking(loaded) == 14  # transformers leaves bitsandbytes' default (the trap) on
+    layers = [m for m in loaded.modules() if is_bnb_4bit(m)]
+    trapped = sum(bool(getattr(m, "support_avx512bf16_for_cpu", False)) for m in layers)  # bnb's default: CPU-dependent
+    assert len(layers) == 14 and disable_cpu_repacking(loaded) == trapped
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
     quantize(llama64, "nf4", double_quant=False)
     lora = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     for model in (loaded, llama64):
