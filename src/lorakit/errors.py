@@ -49,3 +49,11 @@ class DataError(LorakitError):
 
 class RoutingError(LorakitError, ValueError):
     """A per-row adapter route does not fit the batch or the model."""
+
+
+class AdapterInUseError(LorakitError):
+    """An adapter cannot be removed or replaced while requests are using it (retry when they finish)."""
+
+
+class ServeError(LorakitError):
+    """A serving request cannot be run (the scheduler stopped, or the request failed while generating)."""

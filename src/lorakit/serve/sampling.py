@@ -42,7 +42,9 @@ def choose_token(logits: Tensor, params: SamplingParams, gen: torch.Generator) -
     """One token id from one row's next-token ``logits`` (vocab,)."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (vocab,)
+    # shifted so the largest is 0 before dividing: a tiny temperature sends the others to -inf, never to +inf/NaN
+    scaled = (logits.float() - logits.max().float()) / params.temperature  # (vocab,), <= 0
+    probs = torch.softmax(scaled, dim=-1)  # (vocab,)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= params.top_p  # mass before this token already enough
