@@ -90,9 +90,10 @@ def test_the_api_cannot_load_adapters_from_outside_the_adapters_folder(tiny_serv
 
 
 # ---- a scheduler that cannot die -------------------------------------------------------------------------------
-def test_a_tiny_temperature_answers_like_greedy_and_releases_its_pin(tiny_serve_dir, adapters_dir):
+@pytest.mark.parametrize("temperature", [6e-38, 1e-45])  # the value; one that overflows any model's logits
+def test_a_tiny_temperature_answers_like_greedy_and_releases_its_pin(tiny_serve_dir, adapters_dir, temperature):
     with running_server(tiny_serve_dir, adapters_dir, max_tokens=64) as (url, state):
-        r = _complete(url, "a1", temperature=6e-38, max_tokens=12)
+        r = _complete(url, "a1", temperature=temperature, max_tokens=12)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == _solo(state, tiny_serve_dir, adapters_dir, "a1", 12)
         assert httpx.delete(url + "/v1/adapters/a1", timeout=30).status_code == 200

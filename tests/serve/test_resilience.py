@@ -39,9 +39,9 @@ def _setup(tiny_serve_dir, adapters_dir, names=("a0", "a1")):
     return model, tokenizer, ids
 
 
-def _request(ids, adapter, collector, max_tokens=12, **params):
-    return GenRequest(ids, adapter, SamplingParams(max_tokens=max_tokens, temperature=0, **params), collector,
-                      collector.release)  # fmt: skip
+def _request(ids, adapter, collector, on_event=None, max_tokens=12):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    return GenRequest(ids, adapter, params, on_event or collector, collector.release)
 
 
 def _run(batcher: Batcher, collectors) -> None:
@@ -74,7 +74,7 @@ def test_an_adapter_failing_mid_batch_fails_only_its_request(tiny_serve_dir, ada
 
     batcher = Batcher(model, tokenizer, max_batch_size=4)
     batcher.submit(_request(ids, "a0", good))
-    batcher.submit(_request(ids, "a1", arm))
+    batcher.submit(_request(ids, "a1", bad, arm))
     _run(batcher, [good, bad])
     assert bad.reason == "error" and "injected adapter fault" in bad.error
     assert good.reason == "length" and good.text == solo_greedy(tiny_serve_dir, adapters_dir, [("a0", ids, 12)])[0]
@@ -92,7 +92,7 @@ def test_a_raising_callback_fails_only_its_request(tiny_serve_dir, adapters_dir)
 
     batcher = Batcher(model, tokenizer, max_batch_size=4)
     batcher.submit(_request(ids, "a0", good))
-    batcher.submit(_request(ids, "a1", explode))
+    batcher.submit(_request(ids, "a1", bad, explode))
     _run(batcher, [good, bad])
     assert bad.reason == "error" and "callback broke" in bad.error
     assert good.text == solo_greedy(tiny_serve_dir, adapters_dir, [("a0", ids, 12)])[0]
@@ -113,6 +113,6 @@ def test_bad_prompt_ids_fail_alone_in_a_shared_prefill(tiny_serve_dir, adapters_
 
 def test_a_tiny_temperature_samples_the_argmax():
     logits = torch.tensor([30.0, 29.0, -5.0, 12.0])
-    for temperature in (6e-38, 1e-30, 1e-6):
+    for temperature in (2.2250738585e-313, 1e-45, 6e-38, 1e-30, 1e-6):  # 2e-313: found by the fuzzer
         params = SamplingParams(temperature=temperature)
         assert {choose_token(logits, params, make_generator(s)) for s in range(10)} == {0}

@@ -27,11 +27,11 @@ _POLL_S = 0.25  # how often a non-streamed request checks whether its client is 
 def register(app, state) -> None:
     """Add the two generation endpoints to ``app``."""
 
-    @app.post("/v1/completions", openapi_extra=schemas.body(schemas.COMPLETION))
+    @app.post("/v1/completions", openapi_extra=schemas.body(schemas.bounded(schemas.COMPLETION, state.limits)))
     async def completions(request: Request):
         return await _generate(state, request, chat=False)
 
-    @app.post("/v1/chat/completions", openapi_extra=schemas.body(schemas.CHAT))
+    @app.post("/v1/chat/completions", openapi_extra=schemas.body(schemas.bounded(schemas.CHAT, state.limits)))
     async def chat_completions(request: Request):
         return await _generate(state, request, chat=True)
 

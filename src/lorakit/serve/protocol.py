@@ -96,10 +96,10 @@ def _max_tokens(body: dict, prompts: list[list[int]], limits: Limits, chat: bool
             code="context_length_exceeded",
         )
     room = limits.context - longest
-    default = min(limits.max_tokens, room) if chat else min(DEFAULT_COMPLETION_TOKENS, room)
+    default = min(limits.max_tokens, room) if chat else min(DEFAULT_COMPLETION_TOKENS, limits.max_tokens, room)
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key, None)
-    max_tokens = default if max_tokens is None else max_tokens
+    max_tokens = default if max_tokens is None else _integral(max_tokens)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ApiError(400, f"{key} must be a positive integer, got {max_tokens!r}", param=key)
     if max_tokens > limits.max_tokens:
@@ -139,6 +139,7 @@ def _check_ids(prompts: list[list[int]], limits: Limits, param: str) -> None:
 def _n(n: Any, max_n: int) -> int:
     if n is None:
         return 1
+    n = _integral(n)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
         raise ApiError(400, f"n must be an integer from 1 to {max_n} (set with --max-n), got {n!r}", param="n")
     return n
@@ -234,6 +235,13 @@ def _stop(stop: Any, limits: Limits) -> tuple[str, ...]:
             param="stop",
         )
     return tuple(s for s in stops if s)
+
+
+def _integral(value: Any) -> Any:
+    """``3.0`` as ``3`` (JSON has one number type; JSON Schema counts 3.0 as an integer); anything else as is."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _seed(seed: Any) -> int | None:

@@ -9,6 +9,9 @@ import torch
 from torch import Tensor
 
 
+_MIN_TEMPERATURE = 1e-30  # below it sampling is the argmax anyway (ties aside)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks tokens and when it stops.
@@ -42,8 +45,10 @@ def choose_token(logits: Tensor, params: SamplingParams, gen: torch.Generator) -
     """One token id from one row's next-token ``logits`` (vocab,)."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    # shifted so the largest is 0 before dividing: a tiny temperature sends the others to -inf, never to +inf/NaN
-    scaled = (logits.float() - logits.max().float()) / params.temperature  # (vocab,), <= 0
+    # shifted so the largest is 0 before dividing: a tiny temperature sends the others to -inf, never to +inf/NaN;
+    # floored where float32 still holds it (a denormal double such as 2e-313 would become a division by zero)
+    temperature = max(params.temperature, _MIN_TEMPERATURE)
+    scaled = (logits.float() - logits.max().float()) / temperature  # (vocab,), <= 0
     probs = torch.softmax(scaled, dim=-1)  # (vocab,)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)

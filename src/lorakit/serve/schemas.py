@@ -7,29 +7,33 @@ fuzzing in the tests (schemathesis generates bodies from them).
 
 from __future__ import annotations
 
-_NUMBER = {"type": "number"}
-_STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+_STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}, {"type": "null"}]}
 _COMMON = {
-    "model": {"type": "string"},
-    "max_tokens": {"type": ["integer", "null"]},
-    "temperature": _NUMBER,
-    "top_p": _NUMBER,
-    "n": {"type": "integer"},
+    "model": {"type": "string", "minLength": 1},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "n": {"type": "integer", "minimum": 1},
     "stop": _STOP,
     "seed": {"type": ["integer", "null"]},
     "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "stream_options": {
+        "type": "object",
+        "properties": {"include_usage": {"type": "boolean"}},
+        "additionalProperties": False,
+    },
 }
 COMPLETION = {
     "type": "object",
     "required": ["model", "prompt"],
+    "additionalProperties": False,
     "properties": {
         **_COMMON,
         "prompt": {
             "anyOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "string"}},
-                {"type": "array", "items": {"type": "integer"}},
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
             ]
         },
     },
@@ -37,15 +41,21 @@ COMPLETION = {
 CHAT = {
     "type": "object",
     "required": ["model", "messages"],
+    "additionalProperties": False,
     "properties": {
         **_COMMON,
-        "max_completion_tokens": {"type": ["integer", "null"]},
+        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
         "messages": {
             "type": "array",
+            "minItems": 1,
             "items": {
                 "type": "object",
                 "required": ["role", "content"],
-                "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                "additionalProperties": False,
+                "properties": {
+                    "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+                    "content": {"type": "string"},
+                },
             },
         },
     },
@@ -53,8 +63,31 @@ CHAT = {
 ADD_ADAPTER = {
     "type": "object",
     "required": ["name"],
-    "properties": {"name": {"type": "string"}, "path": {"type": "string"}},
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string", "minLength": 1}, "path": {"type": "string"}},
 }
+
+
+def bounded(schema: dict, limits) -> dict:
+    """``schema`` with this server's `lorakit.serve.limits.Limits` written in (maximum tokens, n, prompts, stops)."""
+    props = dict(schema["properties"])
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in props:
+            props[key] = {**props[key], "maximum": limits.max_tokens}
+    props["n"] = {**props["n"], "maximum": limits.max_n}
+    text, items = {"type": "string", "maxLength": limits.max_stop_chars}, {"maxItems": limits.max_stops}
+    props["stop"] = {"anyOf": [text, {"type": "array", "items": text, **items}, {"type": "null"}]}
+    if "prompt" in props:
+        props["prompt"] = {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                 "maxItems": limits.max_prompts},
+                {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": limits.vocab_size - 1},
+                 "minItems": 1},
+            ]
+        }  # fmt: skip
+    return {**schema, "properties": props}
 
 
 def body(schema: dict) -> dict:
