@@ -10,6 +10,8 @@ from lorakit.serve.limits import Limits
 
 _DEFAULTS = Limits()
 
+HELP = "serve a base model and its adapters over an OpenAI-compatible API"
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model: embedded name (default), HF folder or .gguf file")

@@ -35,7 +35,7 @@ from lorakit.errors import (
     IncompatibleAdapterError,
     LorakitError,
 )
-from lorakit.io.checkpoint import read_adapter_dir
+from lorakit.io.atomic import read_adapter_dir
 from lorakit.io.peft_format import CONFIG_NAME
 from lorakit.io.verify import verify_adapter_dir
 
