@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-
 _MIN_TEMPERATURE = 1e-30  # below it sampling is the argmax anyway (ties aside)
 
 
