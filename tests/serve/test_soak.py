@@ -27,7 +27,7 @@ def test_soak_32_clients_mixed_traffic(tiny_serve_dir, fresh_adapters):
     from lorakit.serve.auth import Keys
 
     process = psutil.Process(os.getpid())
-    plan = Plan(clients=32, requests=320, max_tokens=6, headers={"Authorization": f"Bearer {KEY}"})
+    plan = Plan(clients=32, requests=256, max_tokens=6, headers={"Authorization": f"Bearer {KEY}"})
     with running_server(tiny_serve_dir, fresh_adapters, keys=Keys(api=(KEY,)), max_batch_size=8) as (url, state):
         result = soak(url, plan, rss=lambda: process.memory_info().rss)
         deadline = time.monotonic() + 10
@@ -38,7 +38,7 @@ def test_soak_32_clients_mixed_traffic(tiny_serve_dir, fresh_adapters):
     outcomes = result["outcomes"]
     assert set(outcomes) <= {"valid 200", "stream 200", "cancel 200", "invalid 400", "unknown 404",
                              "admin 200/200", "admin 200/409", "admin 200/404"}, outcomes  # fmt: skip
-    assert outcomes["valid 200"] + outcomes["stream 200"] == len(result["answers"]) > 100
+    assert outcomes["valid 200"] + outcomes["stream 200"] == len(result["answers"]) > 80
     jobs = [job for job, _ in result["answers"]]
     expected = solo_answers(tiny_serve_dir, fresh_adapters, jobs)
     wrong = [(job, text, want) for (job, text), want in zip(result["answers"], expected) if text != want]
