@@ -24,6 +24,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="model dtype (float32, bf16, fp16)")
     parser.add_argument("--device", default=None, help="torch device (default: CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--runs", default=None, metavar="DIR", help="folder of training runs shown on the web page")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     _add_security_args(parser.add_argument_group("keys and confinement"))
     _add_limit_args(parser.add_argument_group("limits (each request; 0 or less is refused)"))
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     limits = _limits(args)
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters!r} is not a folder; give a folder of adapter sub-folders")
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise ConfigError(f"--runs {args.runs!r} is not a folder; give the folder your training runs are written to")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     name = args.model or default_model_name()
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, merge=args.merge, limits=limits, keys=keys,
         allow_adapter_paths=args.allow_adapter_paths,
     )  # fmt: skip
+    state.runs_dir = Path(args.runs) if args.runs is not None else None
     served = state.model_names()
     print(f"lorakit serve: http://{args.host}:{args.port}/v1 models: {served[:10]}{' ...' if len(served) > 10 else ''}")
     serve(state, args.host, args.port, args.log_level, no_auth=args.no_auth)

@@ -38,6 +38,7 @@ class ServeState:
     registry: AdapterRegistry | None  # None in merged mode
     merged: str | None = None
     keys: Keys = field(default_factory=Keys)
+    runs_dir: Any = None  # a folder of training runs for the web page (--runs)
 
     def model_names(self) -> list[str]:
         if self.merged is not None:
@@ -66,8 +67,9 @@ def _fastapi():
 
 def _route_groups() -> list[Callable[[Any, ServeState], None]]:
     from lorakit.serve import generate, manage
+    from lorakit.serve.ui import register_ui  # the web page at / and its JSON under /v1/ui
 
-    return [generate.register, manage.register]
+    return [generate.register, manage.register, register_ui]
 
 
 def create_app(state: ServeState):
