@@ -116,3 +116,5 @@ def test_a_tiny_temperature_samples_the_argmax():
     for temperature in (2.2250738585e-313, 1e-45, 6e-38, 1e-30, 1e-6):  # 2e-313: found by the fuzzer
         params = SamplingParams(temperature=temperature)
         assert {choose_token(logits, params, make_generator(s)) for s in range(10)} == {0}
+    tiny_top_p = SamplingParams(temperature=1.0, top_p=5e-324)  # found by the fuzzer: 0 in float32
+    assert {choose_token(logits, tiny_top_p, make_generator(s)) for s in range(10)} == {0}

@@ -52,6 +52,7 @@ def choose_token(logits: Tensor, params: SamplingParams, gen: torch.Generator) -
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= params.top_p  # mass before this token already enough
+        drop[0] = False  # the most likely token always stays (a top_p below float32's range, e.g. 5e-324, is 0 here)
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
