@@ -20,6 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig, is_int
 from lorakit.errors import ConfigError, IncompatibleAdapterError
+from lorakit.hub import base_key
 from lorakit.io.factor_files import AdapterFactors, read_factors, write_factors
 from lorakit.ops import ALIASES, DENSITY_METHODS, METHODS, AdapterReport, LayerResize, combine_factors, diagnose
 from lorakit.ops import resize as resize_factors
@@ -124,7 +125,7 @@ def _check_mergeable(adapters: list[AdapterFactors], labels: list[str], check_ba
         for label, a in zip(labels, adapters)
         if a.config.base_model_name_or_path
     }
-    if check_base and len(set(bases.values())) > 1:
+    if check_base and len({base_key(b) for b in bases.values()}) > 1:  # Org/Name and an alias of it agree
         raise IncompatibleAdapterError(
             f"the adapters were trained on different base models: {bases}. Combining them is meaningless; if they "
             "are the same model under two names, pass check_base=False (CLI: --ignore-base)."

@@ -96,6 +96,8 @@ class LoraConfig:
         alpha_pattern: Per-module alpha overrides ``{regex_suffix: alpha}``.
         task_type: PEFT task type (e.g. "CAUSAL_LM"), recorded in the adapter config.
         base_model_name_or_path: The base model this adapter was trained on (recorded when saving).
+        revision: The Hub revision (branch, tag or commit) of that base model; None means "main" (PEFT loads
+            the base at this revision).
         inference_mode: Recorded in the adapter config (PEFT writes True on save).
     """
 
@@ -115,6 +117,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    revision: str | None = None
     inference_mode: bool = False
 
     def __post_init__(self) -> None:

@@ -57,3 +57,7 @@ class AdapterInUseError(LorakitError):
 
 class ServeError(LorakitError):
     """A serving request cannot be run (the scheduler stopped, or the request failed while generating)."""
+
+
+class HubError(LorakitError):
+    """A Hugging Face Hub repository could not be fetched (gated, missing, no network, offline and not cached)."""

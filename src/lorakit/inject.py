@@ -14,11 +14,10 @@ from collections.abc import Iterable
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TargetSpec
+from lorakit.default_targets import default_targets, no_default_message
 from lorakit.errors import ConfigError, TargetNotFoundError
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear, supports_lora, wrap
 
-# Attention projections across common architectures; used when target_modules is None.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
 _LAYER_CONTAINERS = ("layers", "h", "blocks", "layer", "block")
 
 
@@ -69,7 +68,7 @@ def _selected(config: LoraConfig, name: str, module: nn.Module, head: nn.Module 
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if not is_linear(base) or base is head:
             return False
-    elif not matches(DEFAULT_TARGETS if spec is None else spec, name):
+    elif not matches(spec, name):
         return False
     if config.layers_to_transform is not None and (spec == ALL_LINEAR or not isinstance(spec, str)):
         return _layer_index(name, config.layers_pattern) in config.layers_to_transform
@@ -89,6 +88,14 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """
     head = _output_head(model)
     candidates = candidate_modules(model)
+    if config.target_modules is None:  # PEFT's per-architecture default (lorakit.default_targets)
+        default = default_targets(model)
+        if default is None:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if supports_lora(_base(m))})
+            raise TargetNotFoundError(no_default_message(model, leaves))
+        config = dataclasses.replace(config, target_modules=default)
+    elif config.target_modules != ALL_LINEAR:
+        _refuse_fused_parameters(model, config)
     found, unsupported = [], []
     for name, module in candidates:
         if not _selected(config, name, module, head):
@@ -116,6 +123,26 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"Similar names: {close or 'none'}; adaptable leaf names in this model: {leaves[:20]}"
         )
     return found
+
+
+def _refuse_fused_parameters(model: nn.Module, config: LoraConfig) -> None:
+    """A clear error when the targets name parameters, e.g. the fused expert weights of a mixture of experts.
+
+    transformers stores a MoE layer's experts as 3-D parameters (``experts.gate_up_proj``: experts x out x in),
+    not as modules; PEFT adapts them with ``target_parameters``, lorakit adapts modules only.
+    """
+    spec = config.target_modules
+    params = [(n, p) for n, p in model.named_parameters() if p.dim() >= 3 and matches(spec, n)]
+    if not params:
+        return
+    name, param = params[0]
+    owner = type(model.get_submodule(name.rpartition(".")[0])).__name__
+    raise ConfigError(
+        f"target_modules={_show(spec)} names parameters, not modules: {name} {tuple(param.shape)} is a fused "
+        f"weight of {owner} (one 3-D tensor for all experts; PEFT adapts those with target_parameters). lorakit "
+        "adapts modules only: target the attention projections (e.g. ['q_proj', 'v_proj']), 'all-linear' "
+        "(the routed experts stay frozen), or the linear layers of a shared expert where the model has one."
+    )
 
 
 def _show(spec: TargetSpec) -> str:

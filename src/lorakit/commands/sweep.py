@@ -17,9 +17,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     grid.add_argument(
         "--target-sets",
         nargs="+",
-        default=["attention", "all-linear"],
-        choices=["attention", "all-linear"],
-        help="target sets (default: both)",
+        default=["default", "all-linear"],
+        choices=["default", "attention", "all-linear"],
+        help="default: PEFT's targets for the architecture (as lorakit train/info); attention: q,k,v,o; "
+        "all-linear (default: default and all-linear)",
     )
     grid.add_argument(
         "--metric",

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +109,20 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], 
     atomic_write_bytes(path, save_safetensors_bytes(plain, metadata=metadata or {"format": "pt"}))
 
 
-def write_adapter_dir(path: str | os.PathLike, config: dict[str, Any], tensors: Mapping[str, Tensor]) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` so they can never mismatch.
+def write_adapter_dir(
+    path: str | os.PathLike,
+    config: dict[str, Any],
+    tensors: Mapping[str, Tensor],
+    readme: Callable[[int], str] | None = None,
+) -> None:
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the model card so they never mismatch.
 
-    A folder that holds only an adapter (or nothing yet) is replaced as one unit: both files are written into a
-    hidden sibling folder that is renamed into place (`replace_dir`). A folder shared with other files (a run's
-    output folder with its checkpoints, a README) keeps them: its config is removed first, then the weights and
-    the new config are written atomically, so a crash in between leaves a folder without a config (refused on
-    load with a clear error), never new weights under an old config.
+    ``readme`` gets the weights file's size and returns the card; a README.md that lorakit did not write is
+    kept. A folder that holds only an adapter (or nothing yet) is replaced as one unit: the files are written
+    into a hidden sibling folder that is renamed into place (`replace_dir`). A folder shared with other files (a
+    run's output folder with its checkpoints, a README someone wrote) keeps them: its config is removed first,
+    then the weights, card and new config are written atomically, so a crash in between leaves a folder without
+    a config (refused on load with a clear error), never new weights under an old config.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -125,19 +131,26 @@ def write_adapter_dir(path: str | os.PathLike, config: dict[str, Any], tensors: 
     if path.is_dir() and any(p.name not in own and not p.name.startswith(".") for p in path.iterdir()):
         (path / CONFIG_NAME).unlink(missing_ok=True)
         _fsync_dir(path)
-        atomic_save_tensors(path / WEIGHTS_NAME, tensors)
-        atomic_write_json(path / CONFIG_NAME, config)
+        _write_adapter_files(path, config, tensors, readme, path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         default_mode(tmp, directory=True)
-        atomic_save_tensors(tmp / WEIGHTS_NAME, tensors)
-        atomic_write_json(tmp / CONFIG_NAME, config)
+        _write_adapter_files(tmp, config, tensors, readme, path)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_adapter_files(folder: Path, config, tensors, readme, final: Path) -> None:
+    from lorakit.model_card import is_lorakit_card
+
+    atomic_save_tensors(folder / WEIGHTS_NAME, tensors)
+    if readme is not None and is_lorakit_card(final / "README.md"):
+        atomic_write_bytes(folder / "README.md", readme((folder / WEIGHTS_NAME).stat().st_size).encode())
+    atomic_write_json(folder / CONFIG_NAME, config)
 
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -59,6 +59,7 @@ class AdapterRegistry:
         run_on_model: Runs a model-changing callable at a safe point and returns a Future (default: right here).
         reserved: Names adapters may not take (the base model's name).
         allow_paths: Let `add` load folders outside ``directory`` (trusted clients only).
+        allow_hub: `add` accepts a Hub id (``org/adapter``) as the path and fetches it into the HF cache.
     """
 
     MAX_FAILED = 1024  # remembered load failures (oldest forgotten first): bounded however many names are tried
@@ -72,12 +73,14 @@ class AdapterRegistry:
         run_on_model: Callable[[Callable[[], object]], Future] = _run_here,
         reserved: tuple[str, ...] = (),
         allow_paths: bool = False,
+        allow_hub: bool = False,
     ) -> None:
         if max_adapters is not None and max_adapters < 1:
             raise ConfigError(f"max_adapters must be at least 1 (or None for no cap), got {max_adapters}")
         self.model, self.max_adapters, self.run_on_model = model, max_adapters, run_on_model
         self.directory = Path(directory) if directory is not None else None
         self.reserved, self.allow_paths = set(reserved), allow_paths
+        self.allow_hub = allow_hub
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
         self._runtime: set[str] = set()  # added through `add`: kept across rescans
@@ -299,7 +302,10 @@ class AdapterRegistry:
             raise ConfigError(f"'path' must be a string, got {type(path).__name__}")
         base = self.directory if self.directory is not None else Path.cwd()
         folder = (base / (name if path is None else Path(path).expanduser())).resolve()
-        if not self.allow_paths and (self.directory is None or not self._inside(folder)):
+        hub = path is not None and not folder.exists() and self.allow_hub and _is_hub_id(str(path))
+        if hub:  # a Hub id (--allow-hub-adapters): fetched into the HF cache, not a client-chosen folder
+            folder = _local_or_hub(path, self.allow_hub)
+        elif not self.allow_paths and (self.directory is None or not self._inside(folder)):
             raise ConfigError(
                 "'path' must name a folder inside the adapters directory (relative to it); this server was not "
                 "started with --allow-adapter-paths"
@@ -332,6 +338,28 @@ class AdapterRegistry:
                 self._removed.add(name)  # only folder names: bounded by the directory
         if resident:
             self.run_on_model(lambda: lorakit.delete_adapter(self.model, name)).result()
+
+
+def _is_hub_id(text: str) -> bool:
+    from lorakit.hub import is_hub_id
+
+    return is_hub_id(text)
+
+
+def _local_or_hub(path: str | os.PathLike, allow_hub: bool) -> Path:
+    """A local adapter folder, or (with ``allow_hub``) a Hub id's snapshot folder in the HF cache."""
+    from lorakit.hub import is_hub_id
+    from lorakit.io.saving import adapter_location
+
+    local = Path(path).expanduser()
+    if local.exists() or not is_hub_id(str(path)):
+        return local.resolve()
+    if not allow_hub:
+        raise ConfigError(
+            f"{str(path)!r} is not a folder here; to load adapters by Hub id, start the server with "
+            f"--allow-hub-adapters (it then downloads them into the Hugging Face cache)"
+        )
+    return adapter_location(str(path)).resolve()
 
 
 def _signature(path: Path) -> tuple:

@@ -37,6 +37,7 @@ def build_state(
     keys: Keys | None = None,
     allow_adapter_paths: bool = False,
     max_queue: int | None = None,
+    allow_hub_adapters: bool = False,
 ) -> ServeState:
     """Everything a server needs around a loaded ``(model, tokenizer)``.
 
@@ -53,6 +54,7 @@ def build_state(
         keys: API keys (default: none, for loopback use).
         allow_adapter_paths: Let clients load adapter folders outside ``adapters_dir``.
         max_queue: Most waiting requests; overrides ``limits``.
+        allow_hub_adapters: ``POST /v1/adapters`` may name a Hub id as the path (downloaded into the HF cache).
 
     Raises:
         ConfigError: bad sizes; AdapterNotFoundError / FormatError / IncompatibleAdapterError for ``merge``.
@@ -78,6 +80,7 @@ def build_state(
         run_on_model=batcher.call,
         reserved=(base_name,),
         allow_paths=allow_adapter_paths,
+        allow_hub=allow_hub_adapters,
     )
     return ServeState(model, tokenizer, base_name, batcher, metrics, limits, registry, keys=keys)
 

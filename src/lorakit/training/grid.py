@@ -25,7 +25,9 @@ from lorakit.config import default_alpha
 from lorakit.errors import ConfigError
 from lorakit.training.train_config import TrainConfig, build_config
 
-TARGET_SETS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
+# "default": target_modules=None, PEFT's default for the architecture (lorakit.default_targets, the one source);
+# "attention": all four attention projections of Llama-style models, named explicitly.
+TARGET_SETS = {"default": None, "attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
 HIGHER_IS_BETTER = {"exact_match": True, "normalized_match": True, "eval_loss": False}
 
 
@@ -60,7 +62,7 @@ def run_sweep(
     output_dir: str | Path,
     ranks: list[int] = (8, 16, 32),
     alphas: list[float] | None = None,
-    targets: list[str] = ("attention", "all-linear"),
+    targets: list[str] = ("default", "all-linear"),
     metric: str | None = None,
     tolerance: float = 0.01,
 ) -> SweepResult:

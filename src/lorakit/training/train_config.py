@@ -17,7 +17,6 @@ from typing import Any
 from lorakit.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,16 @@ class TrainConfig:
 
     data: str | None = None
     output_dir: str | None = None
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # embedded name, Hub id (Org/Name), HF folder or .gguf file
+    revision: str | None = None  # Hub branch, tag or commit of a Hub id model
+    dtype: str = "fp32"  # base weights: fp32 | bf16 | fp16 | auto (the checkpoint's dtype on CUDA, fp32 on CPU)
     eval_data: str | None = None
     eval_ratio: float = 0.1  # held out from ``data`` when no ``eval_data`` is given
     # LoRA
     r: int = 16
     lora_alpha: float | None = None  # None: 2 * r (32 at the default r=16)
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | str | None = None  # None: PEFT's default for the architecture
     # optimization
     learning_rate: float = 2e-3
     loraplus_lr_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A
@@ -125,6 +126,8 @@ class TrainConfig:
             problems.append(f"lr_scheduler={self.lr_scheduler!r} (expected cosine, linear or constant)")
         if self.quantize not in (None, "nf4"):
             problems.append(f"quantize={self.quantize!r} (expected nf4, or unset for a full-precision base)")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"dtype={self.dtype!r} (expected auto, bf16, fp16 or fp32)")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision={self.precision!r} (expected auto, bf16 or fp32)")
         if self.resume and self.overwrite:
