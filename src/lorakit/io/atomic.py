@@ -127,7 +127,11 @@ def write_adapter_dir(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FormatError(f"cannot save an adapter to {str(path)!r}: it is a file, expected a directory")
+    from lorakit.model_card import is_lorakit_card
+
     own = {CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME}
+    if readme is not None and is_lorakit_card(path / "README.md"):
+        own.add("README.md")  # lorakit's own card is rewritten with the adapter, so it is part of the unit
     if path.is_dir() and any(p.name not in own and not p.name.startswith(".") for p in path.iterdir()):
         (path / CONFIG_NAME).unlink(missing_ok=True)
         _fsync_dir(path)

@@ -302,8 +302,8 @@ class AdapterRegistry:
             raise ConfigError(f"'path' must be a string, got {type(path).__name__}")
         base = self.directory if self.directory is not None else Path.cwd()
         folder = (base / (name if path is None else Path(path).expanduser())).resolve()
-        hub = path is not None and not folder.exists() and self.allow_hub and _is_hub_id(str(path))
-        if hub:  # a Hub id (--allow-hub-adapters): fetched into the HF cache, not a client-chosen folder
+        hub = path is not None and not folder.exists() and _is_hub_id(str(path))
+        if hub:  # a Hub id (only with --allow-hub-adapters): fetched into the HF cache, not a client-chosen folder
             folder = _local_or_hub(path, self.allow_hub)
         elif not self.allow_paths and (self.directory is None or not self._inside(folder)):
             raise ConfigError(
