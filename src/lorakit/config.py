@@ -10,6 +10,7 @@ import dataclasses
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,11 +262,27 @@ class LoraConfig:
         if used:
             raise FormatError(f"{source}: uses PEFT features lorakit does not implement: {used}")
         known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - set(_UNSUPPORTED_FEATURES) - _PEFT_BOOKKEEPING)
+        if unknown:
+            warnings.warn(
+                f"{source}: ignoring keys lorakit does not know: {unknown}; if the adapter relies on them (a newer "
+                "PEFT feature), its outputs under lorakit will differ",
+                stacklevel=2,
+            )
         kwargs = {k: v for k, v in data.items() if k in known}
         try:
             return cls(**kwargs)
         except ConfigError as exc:
             raise FormatError(f"{source}: {exc}") from exc
+
+
+# Keys PEFT writes that carry no LoRA math (bookkeeping, or configs of other init methods left at None)
+_PEFT_BOOKKEEPING = frozenset({
+    "peft_type", "peft_version", "auto_mapping", "revision", "base_model_name_or_path", "task_type",
+    "inference_mode", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "kasa_config", "lora_ga_config", "monteclora_config", "velora_config", "qalora_group_size",
+    "ensure_weight_tying",
+})  # fmt: skip
 
 
 def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:

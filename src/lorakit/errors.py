@@ -51,5 +51,13 @@ class RoutingError(LorakitError, ValueError):
     """A per-row adapter route does not fit the batch or the model."""
 
 
+class AdapterInUseError(LorakitError):
+    """An adapter cannot be removed or replaced while requests are using it (retry when they finish)."""
+
+
+class ServeError(LorakitError):
+    """A serving request cannot be run (the scheduler stopped, or the request failed while generating)."""
+
+
 class HubError(LorakitError):
     """A Hugging Face Hub repository could not be fetched (gated, missing, no network, offline and not cached)."""

@@ -98,7 +98,7 @@ def test_corrupt_or_foreign_adapters_are_refused_and_the_rest_keep_serving(tiny_
 
 def test_runtime_post_and_delete_of_adapters(tiny_serve_dir, adapters_dir, tmp_path):
     elsewhere = shutil.copytree(adapters_dir / "a6", tmp_path / "outside")
-    with running_server(tiny_serve_dir, adapters_dir) as (url, state):
+    with running_server(tiny_serve_dir, adapters_dir, allow_adapter_paths=True) as (url, state):  # trusted clients
         r = httpx.post(url + "/v1/adapters", json={"name": "extra", "path": str(elsewhere)})
         assert r.status_code == 200 and r.json()["id"] == "extra"
         assert "extra" in state.registry.resident()
@@ -112,7 +112,7 @@ def test_runtime_post_and_delete_of_adapters(tiny_serve_dir, adapters_dir, tmp_p
         assert httpx.post(url + "/v1/adapters", json={"name": "a6"}).status_code == 200
         assert _complete(url, "a6").status_code == 200
         r = httpx.post(url + "/v1/adapters", json={"name": "bad", "path": str(tmp_path / "missing")})
-        assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "is not an adapter folder" in r.json()["error"]["message"]
         assert httpx.post(url + "/v1/adapters", json={"name": "bad.name", "path": str(elsewhere)}).status_code == 400
         assert httpx.post(url + "/v1/adapters", json={"path": str(elsewhere)}).status_code == 400
 

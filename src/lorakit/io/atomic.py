@@ -63,18 +63,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` to disk, then every folder bottom-up (their entries: names, renames)."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
 def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     """Rename the complete folder ``tmp`` to ``target``; an old ``target`` is moved aside first, removed after.
 
-    A crash leaves either the old folder (possibly under a hidden ``.<name>.old-*`` name) or the new one in
-    place, never a half-written one.
+    Power-safe as well as crash-safe: ``tmp``'s files and folders are fsynced before the rename, and the parent
+    folder after each rename, so the old folder is deleted only once the new one is on disk. A crash leaves
+    either the old folder (possibly under a hidden ``.<name>.old-*`` name) or the new one in place, never a
+    half-written one.
     """
     tmp, target = Path(tmp), Path(target)
+    fsync_tree(tmp)
     trash = None
     if target.exists():
         trash = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
         os.rename(target, trash)
+        _fsync_dir(target.parent)
     os.rename(tmp, target)
+    _fsync_dir(target.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -101,20 +115,46 @@ def write_adapter_dir(
     tensors: Mapping[str, Tensor],
     readme: Callable[[int], str] | None = None,
 ) -> None:
-    """Write ``adapter_model.safetensors``, the model card ``README.md``, then ``adapter_config.json``, each atomically.
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the model card so they never mismatch.
 
     ``readme`` gets the weights file's size and returns the card; a README.md that lorakit did not write is
-    kept. Other files in ``path`` (checkpoints, metrics) are left alone.
+    kept. A folder that holds only an adapter (or nothing yet) is replaced as one unit: the files are written
+    into a hidden sibling folder that is renamed into place (`replace_dir`). A folder shared with other files (a
+    run's output folder with its checkpoints, a README someone wrote) keeps them: its config is removed first,
+    then the weights, card and new config are written atomically, so a crash in between leaves a folder without
+    a config (refused on load with a clear error), never new weights under an old config.
     """
-    from lorakit.model_card import is_lorakit_card
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FormatError(f"cannot save an adapter to {str(path)!r}: it is a file, expected a directory")
-    atomic_save_tensors(path / WEIGHTS_NAME, tensors)
+    from lorakit.model_card import is_lorakit_card
+
+    own = {CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME}
     if readme is not None and is_lorakit_card(path / "README.md"):
-        atomic_write_bytes(path / "README.md", readme((path / WEIGHTS_NAME).stat().st_size).encode())
-    atomic_write_json(path / CONFIG_NAME, config)
+        own.add("README.md")  # lorakit's own card is rewritten with the adapter, so it is part of the unit
+    if path.is_dir() and any(p.name not in own and not p.name.startswith(".") for p in path.iterdir()):
+        (path / CONFIG_NAME).unlink(missing_ok=True)
+        _fsync_dir(path)
+        _write_adapter_files(path, config, tensors, readme, path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        default_mode(tmp, directory=True)
+        _write_adapter_files(tmp, config, tensors, readme, path)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_adapter_files(folder: Path, config, tensors, readme, final: Path) -> None:
+    from lorakit.model_card import is_lorakit_card
+
+    atomic_save_tensors(folder / WEIGHTS_NAME, tensors)
+    if readme is not None and is_lorakit_card(final / "README.md"):
+        atomic_write_bytes(folder / "README.md", readme((folder / WEIGHTS_NAME).stat().st_size).encode())
+    atomic_write_json(folder / CONFIG_NAME, config)
 
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -131,7 +171,14 @@ def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
         raise FormatError(
             f"{str(config_file)!r} is not valid JSON ({exc}); re-save or re-download the adapter"
         ) from exc
-    return config, _read_weights(path)
+    tensors = _read_weights(path)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FormatError(
+            f"{str(path)!r}: tensor {bad[0]!r} holds NaN or Inf values ({len(bad)} tensor(s) in all); the adapter "
+            "diverged or the file is damaged: use an earlier checkpoint"
+        )
+    return config, tensors
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:

@@ -12,6 +12,9 @@ costs about the same for 1 row as for 16: it is bound by reading the weights).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,6 +72,29 @@ class BatchCache:
         """``(rows, length + 1)`` attention mask for one decode step: 0 on padding, 1 on real and new tokens."""
         cols = torch.arange(self.length + 1, device=device)
         return (cols[None, :] >= torch.tensor(self.pad, device=device)[:, None]).long()
+
+    def truncate(self, length: int) -> None:
+        """Drop columns past ``length`` (undo the part of a decode step that failed after some layers appended)."""
+        if self.cache is None:
+            return
+        for layer in self.cache.layers:
+            if layer.keys is not None and layer.keys.shape[-2] > length:
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
+    @contextmanager
+    def only_row(self, index: int) -> Iterator[None]:
+        """Inside the block the cache holds row ``index`` alone (views; what a forward pass appends is discarded)."""
+        saved = [(layer.keys, layer.values) for layer in self.cache.layers]
+        pad = self.pad
+        try:
+            for layer, (keys, values) in zip(self.cache.layers, saved):
+                layer.keys, layer.values = keys[index : index + 1], values[index : index + 1]
+            self.pad = [pad[index]]
+            yield
+        finally:
+            for layer, (keys, values) in zip(self.cache.layers, saved):
+                layer.keys, layer.values = keys, values
+            self.pad = pad
 
 
 def _left_pad(t: Tensor, n: int) -> Tensor:

@@ -7,6 +7,7 @@ import time
 from collections import Counter, deque
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+_SLOTS = 100  # the tokens/s window is kept as this many time slots: memory is fixed however fast tokens come
 
 
 class Metrics:
@@ -20,7 +21,7 @@ class Metrics:
         self.prompt_total = self.generated_total = 0
         self.batch_count = self.batch_sum = 0
         self.batch_buckets = Counter()
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens/s
+        self._recent: deque[list] = deque()  # [slot start time, tokens] for tokens/s, at most _SLOTS + 1
         self.started = time.monotonic()
         self.started_wall = time.time()
 
@@ -32,7 +33,13 @@ class Metrics:
         now = time.monotonic()
         with self._lock:
             self.generated_total += n
-            self._recent.append((now, n))
+            slot = self.window_s / _SLOTS
+            if self._recent and now - self._recent[-1][0] < slot:
+                self._recent[-1][1] += n
+            else:
+                self._recent.append([now, n])
+            while self._recent and (len(self._recent) > _SLOTS + 1 or self._recent[0][0] < now - self.window_s):
+                self._recent.popleft()
 
     def batch(self, size: int) -> None:
         with self._lock:

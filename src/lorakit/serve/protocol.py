@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from lorakit.serve.limits import Limits
 from lorakit.serve.sampling import SamplingParams
+
+__all__ = ["ApiError", "Job", "Limits", "parse"]
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 # fields lorakit serve does not implement -> the values that mean "not used"
@@ -27,31 +30,31 @@ class ApiError(Exception):
     """An HTTP error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None, kind: str = ""
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What the server accepts: the model's context length and the most tokens one request may ask for."""
-
-    context: int
-    max_tokens: int
-
-
-@dataclass(frozen=True)
 class Job:
-    """A validated request: token ids per choice, sampling, and how to answer."""
+    """A validated request: token ids and sampling per choice (``n`` choices per prompt), and how to answer."""
 
     model: str
     prompts: list[list[int]]
-    params: SamplingParams
+    params: list[SamplingParams]
     stream: bool
     include_usage: bool
     chat: bool
@@ -65,13 +68,30 @@ def parse(body: Any, tokenizer, limits: Limits, *, chat: bool) -> Job:
     if chat:
         prompts = [encode_chat(tokenizer, _messages(body))]
     else:
-        prompts = [encode_prompt(tokenizer, p) for p in _prompts(body)]
+        prompts = [encode_prompt(tokenizer, p) for p in _prompts(body, limits.max_prompts)]
     for key, fine in _UNSUPPORTED.items():
         if body.get(key) not in fine:
             raise ApiError(400, f"'{key}' is not supported by lorakit serve; leave it out", param=key)
-    n = body.get("n", 1)
-    if n != 1:
-        raise ApiError(400, f"n={n!r} is not supported; send one request per completion (n=1)", param="n")
+    _check_ids(prompts, limits, "messages" if chat else "prompt")
+    max_tokens = _max_tokens(body, prompts, limits, chat)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
+        stop=_stop(body.get("stop"), limits),
+        seed=_seed(body.get("seed")),
+    )
+    n = _n(body.get("n"), limits.max_n)
+    choices = [(ids, _nth(params, j)) for ids in prompts for j in range(n)]
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
+    options = body.get("stream_options") or {}
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    return Job(model, [ids for ids, _ in choices], [p for _, p in choices], stream, include_usage, chat)
+
+
+def _max_tokens(body: dict, prompts: list[list[int]], limits: Limits, chat: bool) -> int:
     longest = max(len(p) for p in prompts)
     if longest >= limits.context:
         raise ApiError(
@@ -82,10 +102,10 @@ def parse(body: Any, tokenizer, limits: Limits, *, chat: bool) -> Job:
             code="context_length_exceeded",
         )
     room = limits.context - longest
-    default = min(limits.max_tokens, room) if chat else min(DEFAULT_COMPLETION_TOKENS, room)
+    default = min(limits.max_tokens, room) if chat else min(DEFAULT_COMPLETION_TOKENS, limits.max_tokens, room)
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key, None)
-    max_tokens = default if max_tokens is None else max_tokens
+    max_tokens = default if max_tokens is None else _integral(max_tokens)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ApiError(400, f"{key} must be a positive integer, got {max_tokens!r}", param=key)
     if max_tokens > limits.max_tokens:
@@ -104,19 +124,36 @@ def parse(body: Any, tokenizer, limits: Limits, *, chat: bool) -> Job:
             param=key,
             code="context_length_exceeded",
         )
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
-        stop=_stop(body.get("stop")),
-        seed=_seed(body.get("seed")),
-    )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
-    options = body.get("stream_options") or {}
-    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    return Job(model, prompts, params, stream, include_usage, chat)
+    return max_tokens
+
+
+def _check_ids(prompts: list[list[int]], limits: Limits, param: str) -> None:
+    """Token ids must index the model's embedding table (one bad id would fail a shared prefill pass)."""
+    for ids in prompts:
+        bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise ApiError(
+                400,
+                f"token id {bad[0]} is outside this model's vocabulary (0 to {limits.vocab_size - 1}); send ids "
+                "from its tokenizer",
+                param=param,
+            )
+        if not ids:
+            raise ApiError(400, "the prompt is empty; send at least one token", param=param)
+
+
+def _n(n: Any, max_n: int) -> int:
+    if n is None:
+        return 1
+    n = _integral(n)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
+        raise ApiError(400, f"n must be an integer from 1 to {max_n} (set with --max-n), got {n!r}", param="n")
+    return n
+
+
+def _nth(params: SamplingParams, j: int) -> SamplingParams:
+    """The sampling of choice ``j`` of a prompt: with a seed, choice j uses ``seed + j`` (distinct, reproducible)."""
+    return params if j == 0 or params.seed is None else replace(params, seed=params.seed + j)
 
 
 def encode_prompt(tokenizer, prompt: str | list[int]) -> list[int]:
@@ -142,13 +179,20 @@ def _required(body: dict, key: str, kind: type) -> Any:
     return body[key]
 
 
-def _prompts(body: dict) -> list[str | list[int]]:
+def _prompts(body: dict, max_prompts: int) -> list[str | list[int]]:
     prompt = body.get("prompt")
     if prompt is None:
         raise ApiError(400, "'prompt' is a required field", param="prompt", code="missing_required_parameter")
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) > max_prompts:
+            raise ApiError(
+                400,
+                f"{len(prompt)} prompts in one request; this server takes at most {max_prompts} "
+                "(set with --max-prompts); split the request",
+                param="prompt",
+            )
         return list(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [prompt]
@@ -183,13 +227,27 @@ def _number(body: dict, key: str, default: float, low: float, high: float, open_
     return float(value)
 
 
-def _stop(stop: Any) -> tuple[str, ...]:
+def _stop(stop: Any, limits: Limits) -> tuple[str, ...]:
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-        raise ApiError(400, f"stop must be a string or a list of at most 4 strings, got {stop!r}", param="stop")
+    ok = isinstance(stops, list) and all(isinstance(s, str) for s in stops)
+    if not ok or len(stops) > limits.max_stops or any(len(s) > limits.max_stop_chars for s in stops):
+        shown = repr(stop) if len(repr(stop)) < 200 else repr(stop)[:200] + "..."
+        raise ApiError(
+            400,
+            f"stop must be a string or a list of at most {limits.max_stops} strings of at most "
+            f"{limits.max_stop_chars} characters (set with --max-stops / --max-stop-chars), got {shown}",
+            param="stop",
+        )
     return tuple(s for s in stops if s)
+
+
+def _integral(value: Any) -> Any:
+    """``3.0`` as ``3`` (JSON has one number type; JSON Schema counts 3.0 as an integer); anything else as is."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _seed(seed: Any) -> int | None:
@@ -242,3 +300,16 @@ def chunk(job: Job, rid: str, index: int, text: str | None, reason: str | None, 
         choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
         kind = "text_completion"
     return {"id": rid, "object": kind, "created": int(time.time()), "model": job.model, "choices": [choice]}
+
+
+def usage_chunk(job: Job, rid: str, prompt: int, completion: int) -> dict:
+    """The last streamed chunk when ``stream_options.include_usage`` is set: no choices, the token counts."""
+    kind = "chat.completion.chunk" if job.chat else "text_completion"
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": [],
+        "usage": usage(prompt, completion),
+    }

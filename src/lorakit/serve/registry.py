@@ -6,6 +6,11 @@ known yet triggers a rescan, so folders dropped in later are served without a re
 load (corrupt, or made for another base) is refused with the loader's message and remembered until its files
 change; the model is left as it was, so every other adapter keeps serving.
 
+Confinement: adapter names are ``[A-Za-z0-9_-]`` (at most 64 characters; no dots, which PyTorch module names
+cannot hold), and every folder, scanned or added at runtime, must resolve (symlinks followed) to a place inside
+the adapters directory, unless the registry was made with ``allow_paths=True``. Messages name folders relative
+to the adapters directory, so nothing outside it is ever shown to a client.
+
 Model changes (load, delete) are handed to ``run_on_model`` (the batcher's `call`), which runs them between
 forward passes on the scheduler thread; reading and validating the files happens before, on the caller's thread,
 so a slow disk does not stall requests that use other adapters.
@@ -14,6 +19,7 @@ so a slow disk does not stall requests that use other adapters.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -21,9 +27,19 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import lorakit
-from lorakit.errors import AdapterNotFoundError, ConfigError, IncompatibleAdapterError, LorakitError
+from lorakit.errors import (
+    AdapterExistsError,
+    AdapterInUseError,
+    AdapterNotFoundError,
+    ConfigError,
+    IncompatibleAdapterError,
+    LorakitError,
+)
 from lorakit.io.atomic import read_adapter_dir
 from lorakit.io.peft_format import CONFIG_NAME
+from lorakit.io.verify import verify_adapter_dir
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _run_here(fn: Callable[[], object]) -> Future:
@@ -42,8 +58,11 @@ class AdapterRegistry:
             when every resident adapter is pinned the cap is exceeded until requests finish, rather than stall.
         run_on_model: Runs a model-changing callable at a safe point and returns a Future (default: right here).
         reserved: Names adapters may not take (the base model's name).
+        allow_paths: Let `add` load folders outside ``directory`` (trusted clients only).
         allow_hub: `add` accepts a Hub id (``org/adapter``) as the path and fetches it into the HF cache.
     """
+
+    MAX_FAILED = 1024  # remembered load failures (oldest forgotten first): bounded however many names are tried
 
     def __init__(
         self,
@@ -53,22 +72,24 @@ class AdapterRegistry:
         max_adapters: int | None = None,
         run_on_model: Callable[[Callable[[], object]], Future] = _run_here,
         reserved: tuple[str, ...] = (),
+        allow_paths: bool = False,
         allow_hub: bool = False,
     ) -> None:
         if max_adapters is not None and max_adapters < 1:
             raise ConfigError(f"max_adapters must be at least 1 (or None for no cap), got {max_adapters}")
         self.model, self.max_adapters, self.run_on_model = model, max_adapters, run_on_model
         self.directory = Path(directory) if directory is not None else None
-        self.reserved = set(reserved)
+        self.reserved, self.allow_paths = set(reserved), allow_paths
         self.allow_hub = allow_hub
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
         self._runtime: set[str] = set()  # added through `add`: kept across rescans
         self._removed: set[str] = set()  # deleted through `remove`: rescans skip them until added again
-        self._failed: dict[str, tuple[tuple, str]] = {}  # name -> (files signature, error message)
+        self._failed: OrderedDict[str, tuple[tuple, str]] = OrderedDict()  # name -> (files signature, message)
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident adapters, least recently used first
         self._pins: Counter[str] = Counter()
         self._load_locks: dict[str, threading.Lock] = {}
+        self._checked: dict[str, tuple] = {}  # folder name -> files signature that passed `verify_adapter_dir`
         self.scan()
 
     # ---- discovery ----------------------------------------------------------------------------------------
@@ -78,14 +99,66 @@ class AdapterRegistry:
         if self.directory is not None and self.directory.is_dir():
             for sub in sorted(self.directory.iterdir()):
                 name = sub.name
-                if (sub / CONFIG_NAME).is_file() and self._valid(name) and name not in self._removed:
-                    found[name] = sub
+                if self._valid(name) and name not in self._removed and (sub / CONFIG_NAME).is_file():
+                    if self.allow_paths or self._inside(sub):
+                        found[name] = sub.resolve()
         with self._lock:
             runtime = {n: self._paths[n] for n in self._runtime if n in self._paths}
             self._paths = {**found, **runtime}
+        self._checked = {n: sig for n, sig in self._checked.items() if n in found}
+        for name, path in found.items():
+            self._verify(name, path)
 
     def _valid(self, name: str) -> bool:
-        return bool(name) and not name.startswith(".") and "." not in name and name not in self.reserved
+        return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None and name not in self.reserved
+
+    def _inside(self, path: Path) -> bool:
+        return self.directory is not None and path.resolve().is_relative_to(self.directory.resolve())
+
+    def shown(self, path: Path) -> str:
+        """``path`` as clients see it: relative to the adapters directory when inside it."""
+        if self.directory is not None and path.is_relative_to(self.directory.resolve()):
+            return path.relative_to(self.directory.resolve()).as_posix()
+        return str(path) if self.allow_paths else "a folder outside the adapters directory"
+
+    def _verify(self, name: str, path: Path) -> None:
+        """Check a folder's files cheaply (header only) once per change, so broken ones are not listed."""
+        signature = _signature(path)
+        failed = self._failed.get(name)
+        if self._checked.get(name) == signature or (failed is not None and failed[0] == signature):
+            return
+        try:
+            verify_adapter_dir(path, shown=self.shown(path))
+        except LorakitError as exc:
+            self._remember_failure(name, signature, f"adapter {name!r} cannot be served: {exc}")
+        else:
+            self._checked[name] = signature
+
+    def _remember_failure(self, name: str, signature: tuple, message: str) -> None:
+        with self._lock:
+            self._failed[name] = (signature, message)
+            self._failed.move_to_end(name)
+            while len(self._failed) > self.MAX_FAILED:
+                self._failed.popitem(last=False)
+
+    def status(self) -> list[dict]:
+        """Every known adapter with its folder, whether it is resident, and its load error if it is broken."""
+        with self._lock:
+            paths, resident = dict(self._paths), set(self._lru)
+        out = []
+        for name in sorted(paths):
+            failed = self._failed.get(name) if self._still_failed(name, paths[name]) else None
+            out.append(
+                {
+                    "id": name,
+                    "object": "adapter",
+                    "path": self.shown(paths[name]),
+                    "resident": name in resident,
+                    "status": "error" if failed else "ok",
+                    "error": failed[1] if failed else None,
+                }
+            )
+        return out
 
     def names(self) -> list[str]:
         """Servable adapter names (known ones minus those that failed to load and have not changed since)."""
@@ -111,7 +184,8 @@ class AdapterRegistry:
             with self._lock:
                 path = self._paths.get(name)
         if path is None:
-            raise AdapterNotFoundError(f"adapter {name!r} not found; servable adapters: {self.names()}")
+            shown = name if self._valid(name) else "this name"
+            raise AdapterNotFoundError(f"adapter {shown!r} not found; servable adapters: {self.names()}")
         return path
 
     # ---- use ----------------------------------------------------------------------------------------------
@@ -146,21 +220,23 @@ class AdapterRegistry:
         self._evict_over_cap()
 
     def _load(self, name: str, path: Path) -> None:
-        if self._still_failed(name, path):
-            raise IncompatibleAdapterError(self._failed[name][1])
+        failed = self._failed.get(name)
+        if failed is not None and failed[0] == _signature(path):
+            raise IncompatibleAdapterError(failed[1])
         signature = _signature(path)
         try:
+            verify_adapter_dir(path, shown=self.shown(path))
             read_adapter_dir(path)  # corrupt files fail here, off the scheduler thread
             self.run_on_model(lambda: lorakit.load_adapter(self.model, path, name=name)).result()
-        except LorakitError as exc:
-            message = f"adapter {name!r} at {str(path)!r} cannot be served: {exc}"
-            self._failed[name] = (signature, message)
-            raise type(exc)(message) from exc
-        except Exception as exc:  # noqa: BLE001 - torch/safetensors errors become one clear refusal
-            message = f"adapter {name!r} at {str(path)!r} cannot be served: {type(exc).__name__}: {exc}"
-            self._failed[name] = (signature, message)
-            raise IncompatibleAdapterError(message) from exc
-        self._failed.pop(name, None)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one clear refusal
+            reason = str(exc) if isinstance(exc, LorakitError) else f"{type(exc).__name__}: {exc}"
+            reason = reason.replace(str(path), self.shown(path))
+            message = f"adapter {name!r} (folder {self.shown(path)!r}) cannot be served: {reason}"
+            self._remember_failure(name, signature, message)
+            kind = type(exc) if isinstance(exc, LorakitError) else IncompatibleAdapterError
+            raise kind(message) from exc
+        with self._lock:
+            self._failed.pop(name, None)
 
     def _still_failed(self, name: str, path: Path) -> bool:
         failed = self._failed.get(name)
@@ -184,25 +260,21 @@ class AdapterRegistry:
     def add(self, name: str, path: str | os.PathLike | None = None) -> None:
         """Register ``name`` (at ``path``, or its folder in the adapters directory) and load it now.
 
+        ``path`` is relative to the adapters directory (or absolute); unless ``allow_paths``, it must resolve to a
+        place inside that directory. Adding a resident adapter again with the same folder is a no-op.
+
         Raises:
-            ConfigError: invalid name, or no path and no such folder in the directory.
-            AdapterExistsError-like errors are not raised: adding a resident adapter with the same path is a no-op.
+            ConfigError: invalid name, a path outside the adapters directory, or no such folder.
+            AdapterExistsError: ``name`` is resident from another folder (DELETE it first).
         """
-        if not self._valid(name):
-            raise ConfigError(
-                f"adapter name {name!r} is invalid: use a non-empty name without '.' that is not the base model's "
-                f"name ({sorted(self.reserved)})"
-            )
-        if path is None:
-            if self.directory is None or not (self.directory / name / CONFIG_NAME).is_file():
-                raise ConfigError(f"no 'path' given and no folder {name!r} with {CONFIG_NAME} in {self.directory}")
-            path = self.directory / name
-        path = _local_or_hub(path, self.allow_hub)
+        folder = self._folder(name, path)
         with self._lock:
-            if name in self._lru and self._paths.get(name) not in (None, path):
-                raise ConfigError(f"adapter {name!r} is already loaded from {self._paths[name]}; DELETE it first")
+            if name in self._lru and self._paths.get(name) not in (None, folder):
+                raise AdapterExistsError(
+                    f"adapter {name!r} is already loaded from {self.shown(self._paths[name])!r}; DELETE it first"
+                )
             previous = self._paths.get(name)
-            self._paths[name] = path
+            self._paths[name] = folder
             self._removed.discard(name)
             self._runtime.add(name)
         try:
@@ -211,29 +283,67 @@ class AdapterRegistry:
             with self._lock:
                 self._runtime.discard(name)
                 self._paths.pop(name, None)
+                self._load_locks.pop(name, None)
                 if previous is not None:
                     self._paths[name] = previous
             raise
         self.release(name)
+
+    def _folder(self, name: str, path: str | os.PathLike | None) -> Path:
+        """The resolved folder `add` would load, after the name and confinement checks."""
+        if not self._valid(name):
+            raise ConfigError(
+                "adapter names are 1 to 64 characters from A-Z a-z 0-9 _ - (no dots, no slashes) and not the base "
+                f"model's name {sorted(self.reserved)}; choose another name"
+            )
+        if path is None and self.directory is None:
+            raise ConfigError("this server has no adapters directory (--adapters); give a 'path'")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"'path' must be a string, got {type(path).__name__}")
+        base = self.directory if self.directory is not None else Path.cwd()
+        folder = (base / (name if path is None else Path(path).expanduser())).resolve()
+        hub = path is not None and not folder.exists() and _is_hub_id(str(path))
+        if hub:  # a Hub id (only with --allow-hub-adapters): fetched into the HF cache, not a client-chosen folder
+            folder = _local_or_hub(path, self.allow_hub)
+        elif not self.allow_paths and (self.directory is None or not self._inside(folder)):
+            raise ConfigError(
+                "'path' must name a folder inside the adapters directory (relative to it); this server was not "
+                "started with --allow-adapter-paths"
+            )
+        if not (folder / CONFIG_NAME).is_file():
+            raise ConfigError(f"{self.shown(folder)!r} is not an adapter folder (no {CONFIG_NAME}); check 'path'")
+        return folder
 
     def remove(self, name: str) -> None:
         """Unload ``name`` and stop serving it (a folder in the directory stays unserved until added again).
 
         Raises:
             AdapterNotFoundError: unknown name.
-            ConfigError: requests are using it right now (retry when they finish).
+            AdapterInUseError: requests are using it right now (retry when they finish).
         """
         with self._lock:
             if name not in self._paths and name not in self._lru:
-                raise AdapterNotFoundError(f"adapter {name!r} not found; servable adapters: {sorted(self._paths)}")
+                shown = name if self._valid(name) else "this name"
+                raise AdapterNotFoundError(f"adapter {shown!r} not found; servable adapters: {sorted(self._paths)}")
             if self._pins.get(name):
-                raise ConfigError(f"adapter {name!r} is in use by {self._pins[name]} request(s); retry when done")
+                raise AdapterInUseError(
+                    f"adapter {name!r} is in use by {self._pins[name]} request(s); retry when they finish"
+                )
             resident = self._lru.pop(name, "absent") != "absent"
             self._paths.pop(name, None)
             self._runtime.discard(name)
-            self._removed.add(name)
+            self._load_locks.pop(name, None)
+            self._failed.pop(name, None)
+            if self.directory is not None and (self.directory / name).is_dir():
+                self._removed.add(name)  # only folder names: bounded by the directory
         if resident:
             self.run_on_model(lambda: lorakit.delete_adapter(self.model, name)).result()
+
+
+def _is_hub_id(text: str) -> bool:
+    from lorakit.hub import is_hub_id
+
+    return is_hub_id(text)
 
 
 def _local_or_hub(path: str | os.PathLike, allow_hub: bool) -> Path:

@@ -22,6 +22,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    fatal: bool = False  # the scheduler stopped (HTTP 503), rather than this request failing (500)
 
 
 @dataclass(eq=False)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+_MIN_TEMPERATURE = 1e-30  # below it sampling is the argmax anyway (ties aside)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -42,10 +44,15 @@ def choose_token(logits: Tensor, params: SamplingParams, gen: torch.Generator) -
     """One token id from one row's next-token ``logits`` (vocab,)."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (vocab,)
+    # shifted so the largest is 0 before dividing: a tiny temperature sends the others to -inf, never to +inf/NaN;
+    # floored where float32 still holds it (a denormal double such as 2e-313 would become a division by zero)
+    temperature = max(params.temperature, _MIN_TEMPERATURE)
+    scaled = (logits.float() - logits.max().float()) / temperature  # (vocab,), <= 0
+    probs = torch.softmax(scaled, dim=-1)  # (vocab,)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= params.top_p  # mass before this token already enough
+        drop[0] = False  # the most likely token always stays (a top_p below float32's range, e.g. 5e-324, is 0 here)
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -13,12 +14,13 @@ from pathlib import Path
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.serve.app import ServeState, create_app
+from lorakit.serve.auth import Keys, check_bind
 from lorakit.serve.batcher import Batcher
+from lorakit.serve.limits import DEFAULT_MAX_TOKENS, Limits
 from lorakit.serve.metrics import Metrics
-from lorakit.serve.protocol import Limits
 from lorakit.serve.registry import AdapterRegistry
 
-DEFAULT_MAX_TOKENS = 4096
+__all__ = ["DEFAULT_MAX_TOKENS", "build_state", "run", "serve_in_thread"]
 
 
 def build_state(
@@ -29,8 +31,12 @@ def build_state(
     adapters_dir: str | os.PathLike | None = None,
     max_adapters: int | None = None,
     max_batch_size: int = 8,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = None,
     merge: str | None = None,
+    limits: Limits | None = None,
+    keys: Keys | None = None,
+    allow_adapter_paths: bool = False,
+    max_queue: int | None = None,
     allow_hub_adapters: bool = False,
 ) -> ServeState:
     """Everything a server needs around a loaded ``(model, tokenizer)``.
@@ -42,19 +48,22 @@ def build_state(
         adapters_dir: Folder of adapter sub-folders (servable by folder name).
         max_adapters: Cap on resident adapters (LRU eviction); None: no cap.
         max_batch_size: Most requests decoding together.
-        max_tokens: Most tokens one request may ask for (also capped by the context length).
+        max_tokens: Most tokens one request may ask for (also capped by the context length); overrides ``limits``.
         merge: Serve only this adapter (a folder of ``adapters_dir`` or a path), merged into the base weights.
+        limits: Request caps (`Limits`; default: its documented defaults).
+        keys: API keys (default: none, for loopback use).
+        allow_adapter_paths: Let clients load adapter folders outside ``adapters_dir``.
+        max_queue: Most waiting requests; overrides ``limits``.
         allow_hub_adapters: ``POST /v1/adapters`` may name a Hub id as the path (downloaded into the HF cache).
 
     Raises:
         ConfigError: bad sizes; AdapterNotFoundError / FormatError / IncompatibleAdapterError for ``merge``.
     """
-    if max_batch_size < 1 or max_tokens < 1:
-        raise ConfigError(f"max_batch_size and max_tokens must be >= 1, got {max_batch_size} and {max_tokens}")
+    limits = _limits(model, limits or Limits(), max_tokens, max_queue)
+    if max_batch_size < 1:
+        raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
     model.eval()
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
-    limits = Limits(context=context, max_tokens=min(max_tokens, context - 1))
-    metrics = Metrics()
+    metrics, keys = Metrics(), keys or Keys()
     if merge is not None:
         path = Path(merge) if Path(merge).is_dir() else AdapterRegistry(model, adapters_dir).path(merge)
         name = path.name if Path(merge).is_dir() else merge
@@ -62,7 +71,7 @@ def build_state(
         lorakit.set_adapter(model, name)
         lorakit.unload(model, merge=True)  # plain modules again: zero adapter overhead per step
         batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=False, metrics=metrics)
-        return ServeState(model, tokenizer, base_name, batcher, metrics, limits, None, merged=name)
+        return ServeState(model, tokenizer, base_name, batcher, metrics, limits, None, merged=name, keys=keys)
     batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=True, metrics=metrics)
     registry = AdapterRegistry(
         model,
@@ -70,13 +79,37 @@ def build_state(
         max_adapters=max_adapters,
         run_on_model=batcher.call,
         reserved=(base_name,),
+        allow_paths=allow_adapter_paths,
         allow_hub=allow_hub_adapters,
     )
-    return ServeState(model, tokenizer, base_name, batcher, metrics, limits, registry)
+    return ServeState(model, tokenizer, base_name, batcher, metrics, limits, registry, keys=keys)
 
 
-def run(state: ServeState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until interrupted (uvicorn)."""
+def _limits(model, limits: Limits, max_tokens: int | None, max_queue: int | None) -> Limits:
+    """``limits`` with the overrides and the model's context length and vocabulary size filled in."""
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 20)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    max_tokens = limits.max_tokens if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    return dataclasses.replace(
+        limits,
+        context=context,
+        vocab_size=vocab,
+        max_tokens=min(max_tokens, context - 1),
+        max_queue=limits.max_queue if max_queue is None else max_queue,
+    )
+
+
+def run(
+    state: ServeState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", no_auth: bool = False
+) -> None:
+    """Serve until interrupted (uvicorn).
+
+    Raises:
+        ConfigError: ``host`` is reachable from other machines, ``state`` has no API keys and ``no_auth`` is False.
+    """
+    check_bind(host, state.keys, no_auth)
     try:
         import uvicorn
     except ImportError as exc:

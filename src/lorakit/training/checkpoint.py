@@ -86,7 +86,10 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(output_dir: Path, step: int, save_adapter_fn, state: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically and prune all but the newest ``keep``.
+    """Write ``checkpoint-<step>`` atomically and durably, then prune all but the newest ``keep``.
+
+    Older checkpoints are deleted only after the new one is on disk (its files, its folder and the rename
+    fsynced by `replace_dir`), so a power loss at any point leaves at least one complete checkpoint.
 
     Args:
         output_dir: The run directory.
@@ -114,7 +117,8 @@ def save_checkpoint(output_dir: Path, step: int, save_adapter_fn, state: dict[st
 
 def load_checkpoint_state(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only, so a checkpoint from a shared folder cannot run code
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise FormatError(
             f"checkpoint {str(path)!r} is unreadable ({e}); delete it to resume from an older one."
