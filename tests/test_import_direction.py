@@ -16,7 +16,7 @@ LEVELS = {
     "layers": 1,
     "inject": 2, "state": 2, "adapters": 2, "merging": 2,
     "io": 3,
-    "models": 4, "model_cache": 4, "train": 4, "serve": 4,
+    "models": 4, "model_cache": 4, "train": 4, "serve": 4, "inference": 4,
     "__init__": 4,  # the public API re-exports (models, train and serve may use it)
     "commands": 6, "cli": 6,
     "__main__": 7,
