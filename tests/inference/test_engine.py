@@ -62,9 +62,7 @@ def test_adapter_added_after_the_engine_was_built_is_applied(tiny_llama):
     engine = DecodeEngine(tiny_llama, max_batch=2, max_len=24)
     with_adapters(tiny_llama, seed=4)  # wraps the projections the engine already packed
     ids = prompts(2, seed=6)
-    assert run_engine(engine, ids, ["qv", "all"], 8, set()) == reference_generate(
-        tiny_llama, ids, ["qv", "all"], 8, []
-    )
+    assert run_engine(engine, ids, ["qv", "all"], 8, set()) == reference_generate(tiny_llama, ids, ["qv", "all"], 8, [])
 
 
 def test_bad_sizes_and_unsupported_models_raise_config_errors(lora_llama):

@@ -37,7 +37,7 @@ def test_bytes_per_format_shrink_as_documented():
     w = torch.randn(128, 256)
     sizes = {fmt: PackedWeight(w, None, fmt).nbytes for fmt in BOUNDS}
     assert sizes["fp32"] == 128 * 256 * 4 and sizes["bf16"] == 128 * 256 * 2
-    assert sizes["int8"] == 128 * 256 + 128 * 4
+    assert sizes["int8"] == 128 * 256 + 128 * 2
     assert sizes["int4"] < sizes["int8"] / 1.5 and sizes["nf4"] < sizes["int8"] / 1.5
 
 

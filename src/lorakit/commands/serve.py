@@ -16,6 +16,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=4096, help="most tokens one request may ask for")
     parser.add_argument("--merge", default=None, metavar="NAME", help="serve only adapter NAME merged into the base")
     parser.add_argument("--dtype", default="float32", help="model dtype (float32, bf16, fp16)")
+    parser.add_argument(
+        "--weights",
+        default="fp32",
+        choices=["fp32", "bf16", "int8", "int4", "nf4"],
+        help="base weight format of the fast decode path (adapters stay fp32; default fp32)",
+    )
+    parser.add_argument(
+        "--fast",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fast decode engine where the model supports it (default on; --no-fast: transformers)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
@@ -39,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
     state = build_state(
         model, tokenizer, base_name=base_name, adapters_dir=args.adapters, max_adapters=args.max_adapters,
-        max_batch_size=args.max_batch_size, max_tokens=args.max_tokens, merge=args.merge,
+        max_batch_size=args.max_batch_size, max_tokens=args.max_tokens, merge=args.merge, weights=args.weights,
+        fast=args.fast,
     )  # fmt: skip
     served = state.model_names()
     print(f"lorakit serve: http://{args.host}:{args.port}/v1 models: {served[:10]}{' ...' if len(served) > 10 else ''}")

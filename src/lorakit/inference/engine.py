@@ -108,6 +108,9 @@ class DecodeEngine:
         key = (names, tuple(layer_version(lay) for parts in loras.values() for lay, _ in parts))
         if key == self._adapter_key:
             return
+        reason = llama.unsupported_reason(self.model)  # e.g. an adapter on the embedding was loaded since
+        if reason is not None:
+            raise ConfigError(f"the fast decode path cannot apply this model's adapters: {reason}")
         for block in self.blocks:
             for k in llama.FUSED:
                 block.adapters[k] = ProjectionAdapters(loras[(block.path, k)], names)
@@ -156,7 +159,7 @@ class DecodeEngine:
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> Tensor:
-        """Add rows for ``prompts`` (token ids, each with its adapter); return their next-token logits ``(n, vocab)``."""
+        """Add rows for ``prompts`` (token ids, each with its adapter); return next-token logits ``(n, vocab)``."""
         n, width, first = len(prompts), max(len(p) for p in prompts), len(self.rows)
         if first + n > self.max_batch:
             raise ConfigError(f"{first} rows run and {n} more do not fit max_batch={self.max_batch}")
@@ -201,7 +204,6 @@ class DecodeEngine:
         return x
 
     def _decode_hidden(self, tokens: Tensor, pos: Tensor, span: int) -> Tensor:
-        rows = tokens.shape[0]
         x = self.embed[tokens].float()[:, None]  # (rows, 1, hidden)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (rows, 1, 1, D)
         cols = torch.arange(span, device=pos.device)

@@ -21,14 +21,25 @@ from lorakit.layers.base import iter_lora_layers
 
 
 def default_rows(model: nn.Module, n: int) -> list[str | None]:
-    """What ``adapters=None`` means: the model's one active adapter on every row (None when adapters are off)."""
+    """What ``adapters=None`` means: the model's one active unmerged adapter on every row (None: adapters off)."""
     layers = [layer for _, layer in iter_lora_layers(model)]
     if not layers or any(layer.disable_adapters for layer in layers):
         return [None] * n
-    active = list(dict.fromkeys(a for layer in layers for a in layer.active_adapters))
+    active = list(dict.fromkeys(a for lay in layers for a in lay.active_adapters if a not in lay.merged_adapters))
     if len(active) > 1:
         raise ConfigError(f"{len(active)} adapters are active ({active}); pass adapters= (one name per prompt)")
     return [active[0] if active else None] * n
+
+
+def fast_path_reason(model: nn.Module) -> str | None:
+    """Why `generate` with ``adapters=None`` would not take the fast engine on ``model`` (None: it would)."""
+    reason = llama.unsupported_reason(model)
+    if reason is None:
+        try:
+            default_rows(model, 1)
+        except ConfigError as exc:
+            reason = str(exc)
+    return reason
 
 
 def _rows(model: nn.Module, adapters: str | Sequence[str | None] | None, n: int) -> list[str | None]:
@@ -82,7 +93,9 @@ def generate(
             the model's active adapter.
         max_new_tokens: Most tokens generated per prompt.
         stop_token_ids: Tokens that end a completion; default: the tokenizer's EOS and chat end-of-turn tokens.
-        temperature: 0 is greedy; otherwise sampling (with ``top_p``) from one generator seeded by ``seed``.
+        temperature: 0 is greedy; otherwise logits are divided by it and sampled.
+        top_p: Nucleus sampling mass (1: off).
+        seed: Seed of the one CPU generator all sampled rows draw from (None: 0).
         batch_size: Most prompts decoding together.
         weights: Base weight format for the fast path (`lorakit.inference.weights.WEIGHT_FORMATS`).
         engine: A `DecodeEngine` to reuse (its weight format wins over ``weights``).

@@ -39,7 +39,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "not the Llama layer layout"
     allowed = {f"model.layers.{i}.{p}" for i in range(len(layers)) for ps in FUSED.values() for p in ps}
     for path, layer in iter_lora_layers(model):
-        if path not in allowed or not hasattr(layer, "factors") or layer.merged_adapters:
+        if path not in allowed or not hasattr(layer, "factors"):
             return f"LoRA layer {path} ({type(layer).__name__}) is not a projection the fast path applies"
     for path, module in model.named_modules():
         if type(module).__name__ == "ModulesToSave":
@@ -89,7 +89,7 @@ class Block:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """transformers' LlamaRMSNorm: normalize in fp32, then scale."""
+    """RMSNorm as transformers' LlamaRMSNorm computes it: normalize in fp32, then scale."""
     variance = x.pow(2).mean(-1, keepdim=True)
     return weight * (x * torch.rsqrt(variance + eps))
 

@@ -33,7 +33,9 @@ def reference_generate(
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
         ctx = lorakit.route(model, [adapter]) if has_lora else nullcontext()
         with ctx:
-            gen = model.generate(inputs, attention_mask=torch.ones_like(inputs), pad_token_id=stops[0] if stops else 0, **kwargs)
+            gen = model.generate(
+                inputs, attention_mask=torch.ones_like(inputs), pad_token_id=stops[0] if stops else 0, **kwargs
+            )
         tokens = gen[0, inputs.shape[1] :].tolist()
         out.append([t for t in tokens if t not in set(stops)])
     return out

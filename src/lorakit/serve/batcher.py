@@ -210,10 +210,14 @@ class Batcher:
         if len(alive) < len(rows):
             self._keep(alive)
 
-    def _emit(self, row: RowState, logits: torch.Tensor) -> bool:
-        """Pick the row's next token and tell its owner; return whether the request is finished."""
+    def _emit(self, row: RowState, logits: torch.Tensor, greedy: int | None = None) -> bool:
+        """Pick the row's next token and tell its owner; return whether the request is finished.
+
+        ``greedy``: the row's argmax when the caller took the whole batch's at once (greedy requests use it).
+        """
         req, params = row.req, row.req.params
-        token = choose_token(logits, params, row.gen)
+        use = greedy is not None and params.temperature <= 0
+        token = greedy if use else choose_token(logits, params, row.gen)
         row.last, row.generated = token, row.generated + 1
         if self.metrics:
             self.metrics.tokens(1)

@@ -31,6 +31,8 @@ def build_state(
     max_batch_size: int = 8,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     merge: str | None = None,
+    weights: str = "fp32",
+    fast: bool = True,
 ) -> ServeState:
     """Everything a server needs around a loaded ``(model, tokenizer)``.
 
@@ -43,6 +45,9 @@ def build_state(
         max_batch_size: Most requests decoding together.
         max_tokens: Most tokens one request may ask for (also capped by the context length).
         merge: Serve only this adapter (a folder of ``adapters_dir`` or a path), merged into the base weights.
+        weights: Base weight format of the fast decode engine (`lorakit.inference.weights.WEIGHT_FORMATS`).
+        fast: Run forward passes on the fast decode engine where the model supports it (the default; greedy
+            outputs equal the transformers path in fp32); False: the transformers forward.
 
     Raises:
         ConfigError: bad sizes; AdapterNotFoundError / FormatError / IncompatibleAdapterError for ``merge``.
@@ -59,13 +64,30 @@ def build_state(
         lorakit.load_adapter(model, path, name=name)
         lorakit.set_adapter(model, name)
         lorakit.unload(model, merge=True)  # plain modules again: zero adapter overhead per step
-        batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=False, metrics=metrics)
+        batcher = _batcher(model, tokenizer, fast, weights, context, max_batch_size=max_batch_size, routed=False,
+                           metrics=metrics)  # fmt: skip
         return ServeState(model, tokenizer, base_name, batcher, metrics, limits, None, merged=name)
-    batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=True, metrics=metrics)
+    batcher = _batcher(model, tokenizer, fast, weights, context, max_batch_size=max_batch_size, metrics=metrics)
     registry = AdapterRegistry(
         model, adapters_dir, max_adapters=max_adapters, run_on_model=batcher.call, reserved=(base_name,)
     )
     return ServeState(model, tokenizer, base_name, batcher, metrics, limits, registry)
+
+
+def _batcher(model, tokenizer, fast: bool, weights: str, context: int, **kwargs) -> Batcher:
+    """A `FastBatcher` over a `DecodeEngine` when ``fast`` and the model allows it, else the transformers `Batcher`."""
+    from lorakit.inference import DecodeEngine, unsupported_reason
+
+    reason = unsupported_reason(model)
+    if weights != "fp32" and (reason is not None or not fast):
+        raise ConfigError(f"weights={weights!r} needs the fast decode path, which is off or cannot run this model "
+                          f"({reason or 'fast=False'}); serve with fp32 weights")  # fmt: skip
+    if not fast or reason is not None:
+        return Batcher(model, tokenizer, **kwargs)
+    from lorakit.serve.fast import FastBatcher
+
+    engine = DecodeEngine(model, weights=weights, max_batch=kwargs["max_batch_size"], max_len=context)
+    return FastBatcher(model, tokenizer, engine=engine, **kwargs)
 
 
 def run(state: ServeState, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

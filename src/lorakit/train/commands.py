@@ -131,6 +131,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--skip-bad-lines", action="store_true")
+    parser.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "int8", "int4", "nf4"],
+                        help="base weight format for generation (fast decode path; adapters stay fp32)")  # fmt: skip
 
 
 def eval_from_args(args: argparse.Namespace) -> int:
@@ -141,7 +143,7 @@ def eval_from_args(args: argparse.Namespace) -> int:
     results = run_eval(
         model=args.model, adapter=args.adapter, data=args.data, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, chat_template=args.chat_template, precision=args.precision, limit=args.limit,
-        skip_bad_lines=args.skip_bad_lines,
+        skip_bad_lines=args.skip_bad_lines, weights=args.weights,
     )  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=2))
