@@ -120,8 +120,8 @@ def llamacpp_rounds(llm, prompts: list[list[int]], tokens: int) -> dict:
 
 def quality(model, tokenizer, rows: int) -> dict:
     """Greedy agreement of each weight format with fp32 on the main job's held-out prompts (adapter a0)."""
-    from lorakit.train.data import read_jsonl
-    from lorakit.train.evaluate import prompt_text, stop_token_ids
+    from lorakit.training.data import read_jsonl
+    from lorakit.training.evaluate import prompt_text, stop_token_ids
 
     data = read_jsonl(ROOT / "examples/data/orders_eval.jsonl")[:rows]
     ids = [tokenizer(prompt_text(r, tokenizer, True)[0], add_special_tokens=False)["input_ids"] for r in data]
@@ -156,7 +156,7 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: lis
         print(f"llama.cpp skipped: {exc}")
     lorakit.delete_adapter(model, "a0")
     state = build_state(model, tokenizer, base_name="base", adapters_dir=folder, max_batch_size=16)
-    from lorakit.train.evaluate import stop_token_ids
+    from lorakit.training.evaluate import stop_token_ids
 
     stops, rounds = set(stop_token_ids(tokenizer)), []
     with serve_in_thread(state) as url:

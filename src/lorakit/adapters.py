@@ -1,9 +1,9 @@
 """Model-level verbs: add, set, disable, delete, merge, unmerge, unload adapters; count trainable parameters.
 
 The model stays the user's own object. lorakit keeps its bookkeeping (configs, active adapters, the
-``requires_grad`` flags from before the first adapter) in one attribute, ``model._lorakit``; the per-layer state
-lives in the wrappers. Every verb is explicit and idempotent: nothing merges inside ``train()``, ``eval()`` or
-``forward()``.
+``requires_grad`` flags from before the first adapter) in one `lorakit.model_state.AdapterState` on the model;
+the per-layer state lives in the wrappers. Every verb is explicit and idempotent: nothing merges inside
+``train()``, ``eval()`` or ``forward()``.
 """
 
 from __future__ import annotations
@@ -11,65 +11,42 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError
+from lorakit.errors import AdapterExistsError, ConfigError, MergeError
 from lorakit.inject import inject, resolved_targets, unwrap_empty, with_task_heads
-from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.model_state import (
+    AdapterState,
+    attach_state,
+    forget,
+    has_state,
+    merged_names,
+    require_loaded,
+    state_of,
+    wrappers,
+)
 from lorakit.routing import Route, activate
 from lorakit.state import trainable_parameters_of
 
-STATE_ATTR = "_lorakit"
 RESERVED_NAMES = ("__base__",)
-
-
-@dataclass
-class AdapterState:
-    """What lorakit remembers about a model it has injected adapters into."""
-
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
-    active: list[str] = field(default_factory=list)
-    requires_grad: dict[str, bool] = field(default_factory=dict)  # flags before the first adapter
-
-
-def _state(model: nn.Module) -> AdapterState:
-    state = model.__dict__.get(STATE_ATTR)
-    return state if state is not None else AdapterState()
-
-
-def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
-    for module in model.modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            yield module
 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters on ``model``, in the order they were added."""
-    return list(_state(model).configs)
+    return list(state_of(model).configs)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the active adapters (their updates add up in forward)."""
-    return list(_state(model).active)
+    return list(state_of(model).active)
 
 
 def get_config(model: nn.Module, name: str = "default") -> LoraConfig:
     """The config of adapter ``name`` (with ``target_modules`` resolved to what was actually adapted)."""
-    _require(model, [name])
-    return _state(model).configs[name]
-
-
-def _require(model: nn.Module, names: Sequence[str]) -> None:
-    loaded = list_adapters(model)
-    unknown = [n for n in names if n not in loaded]
-    if unknown:
-        raise AdapterNotFoundError(
-            f"adapter(s) {unknown} not loaded on {type(model).__name__}; loaded adapters: {loaded or 'none'} "
-            "(add one with lorakit.add_adapter or lorakit.load_adapter)"
-        )
+    require_loaded(model, [name])
+    return state_of(model).configs[name]
 
 
 def _check_new_name(model: nn.Module, name: str) -> None:
@@ -119,10 +96,11 @@ def add_adapter(
     _check_new_name(model, name)
     if activate:
         _check_activatable(model, [name])  # before injecting: a refused add must leave the model as it was
-    state = model.__dict__.get(STATE_ATTR)
-    first = state is None
+    first = not has_state(model)
     if first:
         state = AdapterState(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    else:
+        state = state_of(model)
     config = with_task_heads(model, config)
     try:
         targets = inject(model, config, name)
@@ -130,7 +108,7 @@ def add_adapter(
         _remove_from_wrappers(model, name)
         raise
     if first:
-        model.__dict__[STATE_ATTR] = state
+        attach_state(model, state)
     fan_in_fan_out = any(getattr(model.get_submodule(t), "fan_in_fan_out", False) for t in targets)
     state.configs[name] = dataclasses.replace(
         config,
@@ -149,48 +127,41 @@ def add_adapter(
 
 
 def _remove_from_wrappers(model: nn.Module, name: str) -> None:
-    for wrapper in _wrappers(model):
+    for wrapper in wrappers(model):
         if name in wrapper.adapter_names:
             wrapper.delete(name)
     unwrap_empty(model)
 
 
 def _check_activatable(model: nn.Module, names: list[str]) -> None:
-    merged = {n for w in _wrappers(model) if isinstance(w, LoraLayer) for n in w.merged_adapters}
-    if merged - set(names):
+    merged = merged_names(model)
+    if set(merged) - set(names):
         raise MergeError(
-            f"adapters {sorted(merged)} are merged into the base weights; unmerge(model) before activating {names}"
+            f"adapters {merged} are merged into the base weights; unmerge(model) before activating {names}"
         )
 
 
 def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
     """Make ``name`` (or several names, whose updates add) the active adapter(s)."""
     names = [name] if isinstance(name, str) else list(name)
-    _require(model, names)
+    require_loaded(model, names)
     _check_activatable(model, names)
-    for wrapper in _wrappers(model):
+    for wrapper in wrappers(model):
         wrapper.set_active(names)
-    _state(model).active = names
+    state_of(model).active = names
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and free its memory; the last adapter out restores the original modules."""
-    _require(model, [name])
-    if any(name in w.merged_adapters for w in _wrappers(model) if isinstance(w, LoraLayer)):
+    require_loaded(model, [name])
+    if name in merged_names(model):
         raise MergeError(f"adapter {name!r} is merged into the base weights; call unmerge(model) before deleting it")
     _remove_from_wrappers(model, name)
-    state = _state(model)
+    state = state_of(model)
     state.configs.pop(name)
     state.active = [a for a in state.active if a != name]
     if not state.configs:
-        _forget(model, state)
-
-
-def _forget(model: nn.Module, state: AdapterState) -> None:
-    """Drop lorakit's bookkeeping and restore the parameters' ``requires_grad`` flags from before."""
-    for n, p in model.named_parameters():
-        p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
-    model.__dict__.pop(STATE_ATTR, None)
+        forget(model)
 
 
 @contextmanager
@@ -208,8 +179,8 @@ def route(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
     names = [None if r in (None, *RESERVED_NAMES) else r for r in rows]
     if any(n is not None and not isinstance(n, str) for n in names):
         raise ConfigError(f"route rows must be adapter names or None, got {list(rows)!r}")
-    _require(model, sorted({n for n in names if n is not None}))
-    merged = sorted({n for w in _wrappers(model) if isinstance(w, LoraLayer) for n in w.merged_adapters})
+    require_loaded(model, sorted({n for n in names if n is not None}))
+    merged = merged_names(model)
     if merged:
         raise MergeError(f"adapters {merged} are merged into the base weights; unmerge(model) before routing rows")
     with activate(Route(tuple(names))):
@@ -219,7 +190,7 @@ def route(model: nn.Module, rows: Sequence[str | None]) -> Iterator[nn.Module]:
 def set_trainable(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make exactly the adapters ``names`` trainable (e.g. to train several at once through `route`)."""
     names = [names] if isinstance(names, str) else list(names)
-    _require(model, names)
+    require_loaded(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:

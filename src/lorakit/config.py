@@ -38,7 +38,18 @@ _UNSUPPORTED_FEATURES: dict[str, Any] = {
 }
 
 
-def _is_int(value: Any) -> bool:
+def default_alpha(r: int) -> float:
+    """The ``lora_alpha`` used when none is given: ``2 * r`` (the usual convention; scaling 2 at any rank)."""
+    return 2 * r
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The update's scale: ``alpha / r`` (Hu et al. 2021), or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def is_int(value: Any) -> bool:
+    """A true integer (numpy ints too), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -107,7 +118,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if not _is_int(self.r) or self.r <= 0:
+        if not is_int(self.r) or self.r <= 0:
             problems.append(f"r={self.r!r} must be a positive integer (8-32 is usual)")
         if not _is_positive_number(self.lora_alpha):
             problems.append(f"lora_alpha={self.lora_alpha!r} must be a positive number (2*r is the usual choice)")
@@ -146,9 +157,9 @@ class LoraConfig:
         layers = self.layers_to_transform
         if layers is None:
             return
-        if _is_int(layers):
+        if is_int(layers):
             layers = (layers,)
-        if not isinstance(layers, Sequence) or not all(_is_int(i) and i >= 0 for i in layers):
+        if not isinstance(layers, Sequence) or not all(is_int(i) and i >= 0 for i in layers):
             problems.append(f"layers_to_transform={self.layers_to_transform!r} must be a layer index or a list of them")
             return
         object.__setattr__(self, "layers_to_transform", tuple(int(i) for i in layers))
@@ -174,7 +185,7 @@ class LoraConfig:
 
     def _check_patterns(self, problems: list[str]) -> None:
         for name, check, what in (
-            ("rank_pattern", _is_int, "positive integers"),
+            ("rank_pattern", is_int, "positive integers"),
             ("alpha_pattern", _is_positive_number, "positive numbers"),
         ):
             value = getattr(self, name)
@@ -199,8 +210,7 @@ class LoraConfig:
 
     def scaling_for(self, module_name: str) -> float:
         """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) for ``module_name``."""
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scaling(self.rank_for(module_name), self.alpha_for(module_name), self.use_rslora)
 
     # ---- adapter_config.json -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TargetSpec
 from lorakit.errors import ConfigError, TargetNotFoundError
-from lorakit.layers import LoraLayer, ModulesToSave, is_linear, link_siblings, supports_lora, unlink_siblings, wrap
+from lorakit.layers import LoraLayer, ModulesToSave, is_linear, supports_lora, wrap
 
 # Attention projections across common architectures; used when target_modules is None.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
@@ -186,7 +186,6 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
             wrapper = ModulesToSave(wrapper)
             set_submodule(model, path, wrapper)
         wrapper.add(name)
-    link_siblings(model)  # q/k/v and gate/up may share one A matmul (lorakit.layers.fused)
     return targets
 
 
@@ -197,12 +196,10 @@ def unwrap_empty(model: nn.Module) -> None:
             set_submodule(model, path, module.base_layer)
         elif isinstance(module, ModulesToSave) and not module.adapter_names:
             set_submodule(model, path, module.original_module)
-    link_siblings(model)
 
 
 def replace_wrappers(model: nn.Module, merge: bool) -> None:
     """Replace every wrapper by a plain module: merged active adapters (``merge``) or the pristine base."""
-    unlink_siblings(model)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             if merge:

@@ -11,26 +11,27 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.adapters import _forget, _require, _state, _wrappers, active_adapters
+from lorakit.adapters import active_adapters
 from lorakit.errors import MergeError
 from lorakit.inject import replace_wrappers
 from lorakit.layers import LoraLayer, iter_lora_layers
+from lorakit.model_state import forget, require_loaded, state_of, wrappers
 
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every adapter is bypassed (merged ones are unmerged) until the block exits."""
-    wrappers = list(_wrappers(model))
-    merged = {id(w): list(w.merged_adapters) for w in wrappers if isinstance(w, LoraLayer)}
-    flags = {id(w): w.disable_adapters for w in wrappers}
+    found = list(wrappers(model))
+    merged = {id(w): list(w.merged_adapters) for w in found if isinstance(w, LoraLayer)}
+    flags = {id(w): w.disable_adapters for w in found}
     try:
-        for w in wrappers:
+        for w in found:
             if isinstance(w, LoraLayer):
                 w.unmerge()
             w.disable_adapters = True
         yield model
     finally:
-        for w in wrappers:
+        for w in found:
             w.disable_adapters = flags[id(w)]
             for n in merged.get(id(w), []):
                 w.merge(n)
@@ -39,7 +40,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Add the updates of ``names`` (default: the active adapters) into the base weights; idempotent."""
     names = active_adapters(model) if names is None else [names] if isinstance(names, str) else list(names)
-    _require(model, names)
+    require_loaded(model, names)
     inactive = [n for n in names if n not in active_adapters(model)]
     if inactive:
         raise MergeError(f"adapters {inactive} are not active; set_adapter(model, {names!r}) before merging them")
@@ -84,7 +85,7 @@ def _check_untied(model: nn.Module, names: Sequence[str]) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged update from the base weights again (no-op when nothing is merged)."""
-    for wrapper in _wrappers(model):
+    for wrapper in wrappers(model):
         if isinstance(wrapper, LoraLayer):
             wrapper.unmerge()
 
@@ -101,9 +102,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         ``model`` itself, now a plain model (e.g. a transformers model whose ``save_pretrained`` output loads
         without lorakit).
     """
-    state = _state(model)
+    state = state_of(model)
     if merge:
         _merge_layers(model, state.active)  # all or nothing, before any wrapper is replaced
     replace_wrappers(model, merge=merge)
-    _forget(model, state)
+    forget(model)
     return model

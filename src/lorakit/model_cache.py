@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import FormatError
-from lorakit.io.checkpoint import replace_dir
+from lorakit.io.atomic import replace_dir
 
 MARKER = "lorakit_cache.json"
 FORMAT = 1

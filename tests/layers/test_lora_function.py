@@ -110,15 +110,34 @@ def test_compiled_model_gradients_equal_eager(tiny_llama):
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-6, rtol=1e-5)
 
 
-def test_bf16_autocast_trains_with_fp32_adapter_grads(tiny_llama):
-    model = _tiny(tiny_llama, 0.1)
+def test_bf16_autocast_gradients_equal_peft_under_the_same_autocast(tiny_llama):
+    """bf16 autocast rounds both libraries alike: lorakit's fp32 adapter grads equal PEFT's for the same weights.
+
+    (A fixed bound against the fp32 gradients, as this test once had, measures the tiny model's bf16 noise, which
+    moved past 10% with a transformers release; PEFT's gradients under the same autocast are the reference.)
+    """
+    import copy
+
+    import peft
+
+    reference = peft.get_peft_model(
+        copy.deepcopy(tiny_llama),
+        peft.LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False),
+    ).eval()
+    model = _tiny(tiny_llama, 0.1).eval()
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if p.requires_grad:
+                p.copy_(ours[n.removeprefix("base_model.model.")])
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
-    fp32 = _grads(model.eval(), ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = _grads(model.eval(), ids)
-    for k in fp32:
+        bf16 = _grads(model, ids)
+        ref = {n.removeprefix("base_model.model."): g for n, g in _grads(reference, ids).items()}
+    assert bf16.keys() == ref.keys() and len(bf16) == 14 * 2
+    for k in bf16:
         assert bf16[k].dtype == torch.float32
-        assert (bf16[k] - fp32[k]).norm() <= 0.1 * fp32[k].norm() + 1e-6  # bf16 keeps ~3 digits
+        torch.testing.assert_close(bf16[k], ref[k], atol=1e-6, rtol=1e-4)
 
 
 def test_two_active_adapters_get_the_gradients_of_the_summed_formula(tiny_llama):

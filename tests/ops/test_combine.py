@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorakit.errors import IncompatibleAdapterError
-from lorakit.ops import LayerFactors, check_compatible, combine, combine_layer, magnitude_trim, random_drop
+from lorakit.ops import LayerFactors, check_compatible, combine_factors, combine_layer, magnitude_trim, random_drop
 
 
 def _factors(out: int, inp: int, r: int, scaling: float = 1.0, seed: int = 0) -> LayerFactors:
@@ -77,7 +77,7 @@ def test_dare_drops_with_probability_1_minus_density_and_rescales_the_rest():
 
 
 def test_dare_linear_hand_computed_with_the_same_seeded_masks():
-    from lorakit.ops.combine import layer_seed
+    from lorakit.ops.combination import layer_seed
 
     d1, d2 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[-1.0, 0.5], [2.0, -3.0]])
     gen = torch.Generator().manual_seed(layer_seed(7, "layer"))
@@ -97,15 +97,15 @@ def test_dare_with_density_1_is_the_plain_weighted_sum():
 def test_dare_masks_of_a_layer_do_not_depend_on_the_other_layers():
     a = {"x": _factors(6, 5, 2, seed=1), "y": _factors(6, 5, 2, seed=3)}
     b = {"x": _factors(6, 5, 2, seed=2)}
-    both = combine([a, b], [1, 1], "dare_linear", rank=2, density=0.5, seed=3)
-    alone = combine([{"x": a["x"]}, b], [1, 1], "dare_linear", rank=2, density=0.5, seed=3)
+    both = combine_factors([a, b], [1, 1], "dare_linear", rank=2, density=0.5, seed=3)
+    alone = combine_factors([{"x": a["x"]}, b], [1, 1], "dare_linear", rank=2, density=0.5, seed=3)
     torch.testing.assert_close(both["x"].delta(), alone["x"].delta())
 
 
 def test_a_layer_only_one_adapter_has_gets_only_its_update():
     a = {"x": _factors(6, 5, 2, seed=1), "y": _factors(4, 5, 3, seed=3)}
     b = {"x": _factors(6, 5, 2, seed=2)}
-    out = combine([a, b], [0.5, 2.0], "linear")
+    out = combine_factors([a, b], [0.5, 2.0], "linear")
     assert list(out) == ["x", "y"]
     torch.testing.assert_close(out["y"].delta(), 0.5 * a["y"].delta(), atol=1e-6, rtol=0)
 
@@ -127,5 +127,5 @@ def test_dare_ties_with_density_1_is_ties_without_trimming():
 def test_svd_default_rank_is_the_largest_over_all_layers_so_every_layer_gets_it():
     a = {"x": _factors(6, 5, 4, seed=1), "y": _factors(6, 5, 2, seed=3)}
     b = {"y": _factors(6, 5, 2, seed=2)}
-    out = combine([a, b], [1, 1], "svd")
+    out = combine_factors([a, b], [1, 1], "svd")
     assert out["x"].rank == 4 and out["y"].rank == 4

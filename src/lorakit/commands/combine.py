@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.commands.arith_args import add_out_args, check_out
+from lorakit.cli.options import add_out_args, check_out
 from lorakit.ops import ALIASES, METHODS
+
+HELP = "combine adapters: weighted sum, SVD, TIES or DARE merge"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.io.arith import combine
+    from lorakit.arith import combine
 
     out = check_out(args)
     result = combine(

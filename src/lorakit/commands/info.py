@@ -8,9 +8,11 @@ from collections import Counter
 
 from torch import nn
 
-from lorakit.commands.lora_args import add_lora_args, lora_config_from_args
+from lorakit.cli.options import add_lora_args, lora_config_from_args
 from lorakit.inject import candidate_modules, find_targets
 from lorakit.layers import supports_lora
+
+HELP = "show a model's modules, what a LoRA config would target, and parameter counts"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+HELP = "singular-value spectra and effective rank of an adapter's updates"
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="PEFT-format adapter folder")
@@ -14,8 +16,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.io.arith import inspect_adapter
-    from lorakit.io.factors import read_factors
+    from lorakit.arith import inspect_adapter
+    from lorakit.io.factor_files import read_factors
 
     adapter = read_factors(args.adapter)  # a corrupt adapter fails before the model loads
     model = None
@@ -25,9 +27,9 @@ def run(args: argparse.Namespace) -> int:
         model, _ = load_model(args.model)
     report = inspect_adapter(adapter, model)
     if args.png:
-        from lorakit.commands.spectra_plot import write_spectra_png
+        from lorakit.plots import spectra_png
 
-        write_spectra_png(report, args.png)
+        spectra_png(report, args.png)
     if args.json:
         print(json.dumps({**report.to_dict(), "png": args.png}, indent=2))
         return 0

@@ -1,6 +1,7 @@
 """``lorakit merge``: fold an adapter into its base and write a plain Hugging Face model folder.
 
-With ``--quantized nf4`` the adapter was trained on a 4-bit base; see `lorakit.commands.qmerge`.
+With ``--quantized nf4`` the adapter was trained on a 4-bit base: the base is quantized as it was for training
+and merged with `lorakit.merge_quantized` (modes dequant, nf4, original).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from lorakit.commands.qmerge import add_quant_args, check_quant_args, merge_quantized_model
+from lorakit.cli.options import add_quant_args, check_quant_args
 from lorakit.errors import FormatError
-from lorakit.io.checkpoint import replace_dir
+from lorakit.io.atomic import replace_dir
+
+HELP = "merge an adapter into its base and write a plain Hugging Face model folder"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -64,3 +67,16 @@ def _write(model, tokenizer, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def merge_quantized_model(args: argparse.Namespace, mode: str, model, probe):
+    """Quantize ``model`` as it was for training, load the adapter, merge with ``mode``; returns (model, report)."""
+    from lorakit import load_adapter
+    from lorakit.models import load_model
+    from lorakit.quant import quantize
+    from lorakit.quant_merge import merge_quantized
+
+    quantize(model, args.quantized, double_quant=not args.no_double_quant)
+    load_adapter(model, args.adapter)
+    original = load_model(args.merge_into)[0] if mode == "original" else None
+    return merge_quantized(model, mode, merge_into=original, probe=probe)

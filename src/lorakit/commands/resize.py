@@ -6,7 +6,9 @@ import argparse
 import json
 import warnings
 
-from lorakit.commands.arith_args import add_out_args, check_out
+from lorakit.cli.options import add_out_args, check_out
+
+HELP = "re-factorize an adapter to another rank by truncated SVD"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +19,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.io.arith import resize_adapter
+    from lorakit.arith import resize_adapter
 
     out = check_out(args)
     with warnings.catch_warnings(record=True) as caught:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+HELP = "serve a base model and its adapters over an OpenAI-compatible API"
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model: embedded name (default), HF folder or .gguf file")
@@ -30,6 +32,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="torch device (default: CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--runs", default=None, metavar="DIR", help="folder of training runs shown on the web page")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
@@ -45,15 +48,25 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters!r} is not a folder; give a folder of adapter sub-folders")
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise ConfigError(f"--runs {args.runs!r} is not a folder; give the folder your training runs are written to")
     name = args.model or default_model_name()
     source = resolve_model_source(name)
     base_name = source.name if source.kind == "embedded" else Path(source.name).name
     model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
     state = build_state(
-        model, tokenizer, base_name=base_name, adapters_dir=args.adapters, max_adapters=args.max_adapters,
-        max_batch_size=args.max_batch_size, max_tokens=args.max_tokens, merge=args.merge, weights=args.weights,
+        model,
+        tokenizer,
+        base_name=base_name,
+        adapters_dir=args.adapters,
+        max_adapters=args.max_adapters,
+        max_batch_size=args.max_batch_size,
+        max_tokens=args.max_tokens,
+        merge=args.merge,
+        weights=args.weights,
         fast=args.fast,
-    )  # fmt: skip
+    )
+    state.runs_dir = Path(args.runs) if args.runs is not None else None
     served = state.model_names()
     print(f"lorakit serve: http://{args.host}:{args.port}/v1 models: {served[:10]}{' ...' if len(served) > 10 else ''}")
     serve(state, args.host, args.port, args.log_level)

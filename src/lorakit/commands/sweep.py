@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "train a grid of r / alpha / target sets and compare them"
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from lorakit.train.commands import add_train_arguments
+    from lorakit.cli.options import add_train_arguments
 
     add_train_arguments(parser)  # the base run: --data, --output-dir, --config, --max-steps, ...
     grid = parser.add_argument_group("sweep grid")
     grid.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32], help="values of r (default 8 16 32)")
     grid.add_argument("--alphas", type=float, nargs="+", default=None, help="values of lora_alpha (default: 2r)")
-    grid.add_argument("--target-sets", nargs="+", default=["attention", "all-linear"],
-                      choices=["attention", "all-linear"], help="target sets (default: both)")  # fmt: skip
-    grid.add_argument("--metric", choices=["exact_match", "normalized_match", "eval_loss"], default=None,
-                      help="what 'best' means (default: exact_match with generation eval, else eval_loss)")  # fmt: skip
+    grid.add_argument(
+        "--target-sets",
+        nargs="+",
+        default=["attention", "all-linear"],
+        choices=["attention", "all-linear"],
+        help="target sets (default: both)",
+    )
+    grid.add_argument(
+        "--metric",
+        choices=["exact_match", "normalized_match", "eval_loss"],
+        default=None,
+        help="what 'best' means (default: exact_match with generation eval, else eval_loss)",
+    )
     grid.add_argument("--tolerance", type=float, default=0.01, help="'within one point' of the best (default 0.01)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.train.commands import config_from_args
-    from lorakit.train.sweep import run_sweep
+    from lorakit.cli.options import config_from_args
+    from lorakit.training.grid import run_sweep
 
     base = config_from_args(args)
     base.require_paths()

@@ -103,7 +103,7 @@ def generate(
     Raises:
         ConfigError: Bad arguments, or a weight format other than fp32 on a model the fast path cannot run.
     """
-    from lorakit.train.evaluate import stop_token_ids as default_stops
+    from lorakit.training.evaluate import stop_token_ids as default_stops
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
     rows = _rows(model, adapters, len(ids))

@@ -7,7 +7,6 @@ from torch import nn
 from lorakit.layers.base import LoraLayer, iter_lora_layers
 from lorakit.layers.conv import LoraConv
 from lorakit.layers.embedding import LoraEmbedding
-from lorakit.layers.fused import fused_a_enabled, link_siblings, set_fused_a, unlink_siblings
 from lorakit.layers.linear import LoraLinear, is_hf_conv1d
 from lorakit.layers.quant_linear import LoraQuantLinear
 from lorakit.layers.saved import ModulesToSave
@@ -20,13 +19,9 @@ __all__ = [
     "LoraLinear",
     "LoraQuantLinear",
     "ModulesToSave",
-    "fused_a_enabled",
     "is_hf_conv1d",
     "iter_lora_layers",
-    "link_siblings",
-    "set_fused_a",
     "supports_lora",
-    "unlink_siblings",
     "wrap",
 ]
 

@@ -12,11 +12,12 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.config import lora_scaling
 from lorakit.errors import AdapterNotFoundError, MergeError
-from lorakit.routing import Route, current_route
+from lorakit.layers.routed import routed_delta
+from lorakit.routing import current_route
 
 
 class LoraLayer(nn.Module):
@@ -35,6 +36,9 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        # Stacked factors of this layer's adapters for per-row routing, with the key they were built for
+        # (`lorakit.layers.routed.stacked_factors`); not a buffer: never saved, rebuilt when an adapter changes.
+        self.stack_cache: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         self.train(base_layer.training)
 
     # ---- pass-through attributes that model code reads from the module it thinks it has ------------------
@@ -75,7 +79,7 @@ class LoraLayer(nn.Module):
         """Add adapter ``name`` of rank ``r`` to this layer (inactive until `set_active`)."""
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
-        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora)
         # nn.Identity returns x itself: with dropout 0 the branch makes no copy of the input.
         self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create_factors(name, r, *self.adapter_dtype_device())
@@ -104,7 +108,7 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name)
         self.active_adapters = [a for a in self.active_adapters if a != name]
-        self.__dict__.pop("_stack_cache", None)  # stacked copies of the factors, for routing
+        self.stack_cache = None  # stacked copies of the factors, for routing
 
     def set_active(self, names: list[str]) -> None:
         """Activate exactly the adapters in ``names`` that this layer holds (their updates add)."""
@@ -136,112 +140,22 @@ class LoraLayer(nn.Module):
         if self.disable_adapters:
             return result
         route = current_route()
-        if route is not None:  # per-row adapters (lorakit.route); the active set does not apply
-            delta = self.routed_delta(x, route)
+        if route is not None:  # per-row adapters (lorakit.route, see layers/routed.py); the active set does not apply
+            delta = routed_delta(self, x, route)
             return result if delta is None else result + delta.to(result.dtype)
         for name in self.active_adapters:
             if name in self.merged_adapters:  # already inside base_layer.weight
                 continue
-            result = self.add_lora(result, x, name)
+            result = self.add_update(result, x, name)
         return result
 
-    def add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+    def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """``result`` plus adapter ``name``'s update of ``x`` (layer types may do it in fewer kernels)."""
         return result + self.lora_forward(x, name).to(result.dtype)
 
-    # ---- per-row routing ----------------------------------------------------------------------------------
-    def routed_delta(self, x: Tensor, route: Route) -> Tensor | None:
-        """Each row's own adapter update (rows routed to None or to an adapter not on this layer get zero)."""
-        route.check_batch(x.shape[0])
-        plan = self._route_plan(route, x.device)
-        return None if plan is None else self._routed(x, plan[0], plan[1], route)
-
-    def _route_plan(self, route: Route, device: torch.device) -> tuple[list[str], Tensor] | None:
-        """``(names, idx)``: this layer's routed adapters and each row's slot in them (``len(names)``: none).
-
-        Names come in first-appearance order. The plan depends only on the route: computed once per route.
-        """
-        grad = torch.is_grad_enabled()
-        key = (id(self), "plan", grad)
-        if key not in route.cache:
-            names = [n for n in dict.fromkeys(route.rows) if n is not None and n in self.r]
-            if names and not grad:
-                names = list(self.r)  # inference: one stack of every adapter, shared by all routes
-            slot = {n: i for i, n in enumerate(names)}
-            idx = torch.tensor([slot.get(n, len(names)) for n in route.rows], device=device)  # (batch,)
-            route.cache[key] = (names, idx) if names else None
-        return route.cache[key]
-
-    def _routed(self, x: Tensor, names: list[str], idx: Tensor, route: Route) -> Tensor:
-        """Fallback for layer types without a vectorized path: one pass per adapter over its rows."""
-        out = None
-        for i, name in enumerate(names):
-            rows = (idx == i).nonzero().squeeze(1)
-            delta = self.lora_forward(x.index_select(0, rows), name)
-            out = delta.new_zeros((x.shape[0], *delta.shape[1:])) if out is None else out
-            out = out.index_add(0, rows, delta)
-        return out
-
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """``(A (r, in), B (out, r))`` of adapter ``name``, for layers whose update is ``x -> B A x``."""
+        """``(A (r, in), B (out, r))`` of adapter ``name``, for layers whose update is ``x -> B A x`` (routing)."""
         raise NotImplementedError
-
-    def stacked_factors(self, names: list[str], route: Route, cache: bool = True) -> tuple[Tensor, Tensor]:
-        """``A^T`` stacked to ``(k+1, in, R)`` and ``(scaling * B)^T`` to ``(k+1, R, out)``; the last slot is zero.
-
-        Ranks differ between adapters: each factor is zero-padded to the largest rank R, which adds exact zeros
-        (``B A`` is unchanged). Without autograd the stacks are kept on the layer until an adapter is added,
-        removed or changed (tensor version counters tell), so new routes (e.g. a request joining a served
-        batch) reuse them.
-        """
-        cache = cache and not torch.is_grad_enabled()
-        factors = [self.factors(n) for n in names]
-        key = (tuple(names), tuple((id(t), t._version) for pair in factors for t in pair))
-        cached = self.__dict__.get("_stack_cache")
-        if cache and cached is not None and cached[0] == key:
-            return cached[1]
-        rank = max(self.r[n] for n in names)
-        a_list, b_list = [], []
-        for n, (a, b) in zip(names, factors):
-            a_list.append(F.pad(a, (0, 0, 0, rank - self.r[n])).T)  # (in, R)
-            b_list.append(F.pad(b * self.scaling[n], (0, rank - self.r[n])).T)  # (R, out)
-        stacks = (
-            torch.stack([*a_list, torch.zeros_like(a_list[0])]),  # (k+1, in, R)
-            torch.stack([*b_list, torch.zeros_like(b_list[0])]),  # (k+1, R, out)
-        )
-        if cache:
-            self.__dict__["_stack_cache"] = (key, stacks)
-        return stacks
-
-    def row_factors(self, names: list[str], idx: Tensor, route: Route) -> tuple[Tensor, Tensor]:
-        """Each row's ``A^T`` ``(batch, in, R)`` and ``(scaling * B)^T`` ``(batch, R, out)`` (zeros: no update).
-
-        When every row has its own adapter, in order, the per-row factors are a slice of the stacks (no copy);
-        otherwise they are gathered. Without autograd they are cached on the route, so the decode steps of one
-        ``generate`` reuse them.
-        """
-        key = (id(self), "rows")
-        cache = not torch.is_grad_enabled()
-        if cache and key in route.cache:
-            return route.cache[key]
-        a_stack, b_stack = self.stacked_factors(names, route)
-        rows = idx.numel()
-        if len(names) == rows and torch.equal(idx, torch.arange(rows, device=idx.device)):
-            result = a_stack[:rows], b_stack[:rows]
-        else:
-            result = a_stack[idx], b_stack[idx]
-        if cache:
-            route.cache[key] = result
-        return result
-
-    def routed_dropout(self, x: Tensor, names: list[str], idx: Tensor) -> Tensor:
-        """Each row's adapter's dropout on its input (identity in eval mode or when every p is 0)."""
-        ps = [m.p if isinstance(m, nn.Dropout) else 0.0 for m in (self.lora_dropout[n] for n in names)]
-        if not self.training or not any(ps):
-            return x
-        keep = 1.0 - torch.tensor([*ps, 0.0], device=x.device, dtype=x.dtype)[idx]  # (batch,)
-        keep = keep.view(-1, *([1] * (x.dim() - 1)))
-        return x * torch.bernoulli(keep.expand_as(x)) / keep
 
     # ---- merge --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.routed import stacked_factors
 
 
 class LoraEmbedding(LoraLayer):
@@ -54,8 +55,9 @@ class LoraEmbedding(LoraLayer):
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
-    def _routed(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
-        a_t, b_t = self.stacked_factors(names, route)  # (k+1, num_embeddings, R), (k+1, R, dim)
+    def routed_update(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
+        """Each row looks up its own adapter's rows of the stacked ``A^T`` tables, then one batched matmul."""
+        a_t, b_t = stacked_factors(self, names)  # (k+1, num_embeddings, R), (k+1, R, dim)
         flat = x.reshape(x.shape[0], -1)  # (batch, tokens) of token ids
         h = a_t[idx[:, None], flat]  # (batch, tokens, R): each row looks up only its own adapter's table
         return torch.bmm(h, b_t[idx]).reshape(*x.shape, -1)  # (..., dim)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from lorakit.layers.base import LoraLayer, kaiming_a
 from lorakit.layers.lora_function import lora_linear_delta
+from lorakit.layers.routed import routed_dropout, row_factors
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -57,24 +58,12 @@ class LoraLinear(LoraLayer):
             kaiming_a(self.lora_A[name].weight)
         nn.init.zeros_(self.lora_B[name].weight)  # B = 0: a fresh adapter is a no-op
 
-    @property
-    def fusable_base(self) -> bool:
-        """True when this layer may share its ``A`` matmul with siblings (see `lorakit.layers.fused`)."""
-        return isinstance(self.base_layer, nn.Linear) and not self.fan_in_fan_out
+    def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """``result + scaling * B(A(dropout(x)))``; see `lora_forward` for the training path.
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        group = self.__dict__.get("_sibling_group")  # set by lorakit.layers.fused.link_siblings
-        delta = None if group is None else group.delta(self, x)
-        if delta is None:
-            return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        return result + delta.to(result.dtype)
-
-    def add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
-        """Inference fast path: ``result += s * (x A^T) B^T`` as one matmul and one in-place ``addmm``.
-
-        Taken only without autograd or autocast, with dropout inactive and one dtype throughout; the update
-        then lands in the base layer's fresh output instead of costing a scale and an addition kernel more.
+        Inference fast path: ``result += s * (x A^T) B^T`` as one matmul and one in-place ``addmm``, taken only
+        without autograd or autocast, with dropout inactive and one dtype throughout; the update then lands in
+        the base layer's fresh output instead of costing a scale and an addition kernel more.
         """
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         dropout = self.lora_dropout[name]
@@ -86,7 +75,7 @@ class LoraLinear(LoraLayer):
             or not result.is_contiguous()
             or result.shape[-1] != b.shape[0]
         ):
-            return super().add_lora(result, x, name)
+            return result + self.lora_forward(x, name).to(result.dtype)
         h = F.linear(x, a).reshape(-1, a.shape[0])  # (n, r)
         result.view(-1, b.shape[0]).addmm_(h, b.t(), alpha=self.scaling[name])
         return result
@@ -100,10 +89,10 @@ class LoraLinear(LoraLayer):
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
 
-    def _routed(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
+    def routed_update(self, x: Tensor, names: list[str], idx: Tensor, route) -> Tensor:
         """BGMV-style: gather each row's stacked factors and apply them with two batched matmuls."""
-        a_rows, b_rows = self.row_factors(names, idx, route)  # (batch, in, R), (batch, R, out)
-        x = self.routed_dropout(x, names, idx)
+        a_rows, b_rows = row_factors(self, names, idx, route)  # (batch, in, R), (batch, R, out)
+        x = routed_dropout(self, x, names, idx)
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (batch, tokens, in)
         h = torch.bmm(flat, a_rows)  # (batch, tokens, R)
         return torch.bmm(h, b_rows).reshape(*x.shape[:-1], -1)  # (..., out)

@@ -37,7 +37,6 @@ class LoraQuantLinear(LoraLinear):
 
     # The generic composition base(x) + sum of branches: the base runs its own 4-bit autograd function.
     forward = LoraLayer.forward
-    fusable_base = False  # the sibling-fused A path (lorakit.layers.fused) covers dense bases only
 
     @property
     def weight(self) -> Tensor:

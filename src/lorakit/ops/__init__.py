@@ -1,14 +1,14 @@
 """Pure functions on adapter tensors (torch only, no model, no files): arithmetic, rank tools, diagnostics.
 
-An adapter is a ``{layer_path: LayerFactors}`` dict; `lorakit.io.factors` reads and writes them as PEFT-format
-folders and `lorakit.io.arith` holds the user-facing verbs (`combine`, `resize_adapter`, `inspect_adapter`).
+An adapter is a ``{layer_path: LayerFactors}`` dict; `lorakit.io.factor_files` reads and writes them as PEFT-format
+folders and `lorakit.arith` holds the user-facing verbs (`combine`, `resize_adapter`, `inspect_adapter`).
 """
 
-from lorakit.ops.combine import (
+from lorakit.ops.combination import (
     ALIASES,
     DENSITY_METHODS,
     METHODS,
-    combine,
+    combine_factors,
     combine_layer,
     disjoint_mean,
     magnitude_trim,
@@ -27,7 +27,7 @@ __all__ = [
     "LayerResize",
     "LayerSpectrum",
     "check_compatible",
-    "combine",
+    "combine_factors",
     "combine_layer",
     "diagnose",
     "disjoint_mean",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from lorakit.ops.combine import layer_seed
+from lorakit.ops.combination import layer_seed
 from lorakit.ops.factors import LayerFactors, factors_from_svd, lowrank_svd
 
 

@@ -6,7 +6,6 @@ else in lorakit sees a 4-bit layer through `is_quantized`, `dequantized_weight`,
 """
 
 from lorakit.quant.bnb import disable_cpu_repacking, is_bnb_4bit
-from lorakit.quant.linear import NF4Linear
 from lorakit.quant.model import (
     compute_dtype_of,
     dequantized_weight,
@@ -16,6 +15,7 @@ from lorakit.quant.model import (
     quantized_device,
 )
 from lorakit.quant.nf4 import BLOCK_SIZE, NF4_CODE, NF4Tensor, dequantize_nf4, quantize_nf4
+from lorakit.quant.nf4_linear import NF4Linear
 
 __all__ = [
     "BLOCK_SIZE",

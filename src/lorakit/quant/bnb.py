@@ -58,8 +58,13 @@ def bnb_dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) 
             f"with block size {state.blocksize}"
         )
     if state.nested:
-        q = NF4Tensor(packed.view(torch.uint8).reshape(-1), state.absmax, tuple(state.shape),
-                      absmax2=state.state2.absmax, offset=state.offset)  # fmt: skip
+        q = NF4Tensor(
+            packed.view(torch.uint8).reshape(-1),
+            state.absmax,
+            tuple(state.shape),
+            absmax2=state.state2.absmax,
+            offset=state.offset,
+        )
     else:
         q = NF4Tensor(packed.view(torch.uint8).reshape(-1), state.absmax, tuple(state.shape))
     return dequantize_nf4(q, dtype or state.dtype)

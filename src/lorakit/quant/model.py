@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lorakit.errors import ConfigError
 from lorakit.quant.bnb import bnb_dequantized_weight, is_bnb_4bit, to_bnb_linear4bit
-from lorakit.quant.linear import NF4Linear
+from lorakit.quant.nf4_linear import NF4Linear
 
 METHODS = ("nf4",)
 BACKENDS = ("torch", "bnb")

@@ -18,6 +18,7 @@ from lorakit.serve.batcher import Batcher, Event, GenRequest
 from lorakit.serve.metrics import Metrics
 from lorakit.serve.protocol import ApiError, Job, Limits
 from lorakit.serve.registry import AdapterRegistry
+from lorakit.serve.ui import register_ui
 
 _POLL_S = 0.25  # how often a non-streamed request checks whether its client is still there
 
@@ -34,6 +35,7 @@ class ServeState:
     limits: Limits
     registry: AdapterRegistry | None  # None in merged mode
     merged: str | None = None
+    runs_dir: Any = None  # a folder of training runs for the web page (--runs)
 
     def model_names(self) -> list[str]:
         if self.merged is not None:
@@ -159,6 +161,7 @@ def create_app(state: ServeState):
             "queued": state.batcher.queue_depth,
         }
 
+    register_ui(app, state)  # the web page at / and its JSON under /v1/ui
     return app
 
 

@@ -12,9 +12,15 @@ from lorakit.serve.sampling import SamplingParams
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 # fields lorakit serve does not implement -> the values that mean "not used"
 _UNSUPPORTED = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1), "echo": (None, False),
-    "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-}  # fmt: skip
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+}
 
 
 class ApiError(Exception):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import lorakit
 from lorakit.errors import AdapterNotFoundError, ConfigError, IncompatibleAdapterError, LorakitError
-from lorakit.io.checkpoint import read_adapter_dir
+from lorakit.io.atomic import read_adapter_dir
 from lorakit.io.peft_format import CONFIG_NAME
 
 

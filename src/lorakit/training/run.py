@@ -1,0 +1,382 @@
+"""`run_training`: one call from a config to a trained, evaluated adapter on disk.
+
+Order of work: read and validate the data (fail before loading a model), check the output directory, load
+the model, add the adapter, tokenize, pre-flight checks, evaluate the base model, train (or resume), save
+the adapter, evaluate it, plot the loss and return a `TrainResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.adapters import add_adapter, trainable_parameters
+from lorakit.config import default_alpha
+from lorakit.errors import ConfigError
+from lorakit.io.atomic import atomic_write_text
+from lorakit.io.saving import save_adapter
+from lorakit.merging import disabled
+from lorakit.plots import loss_png
+from lorakit.state import adapter_state_dict
+from lorakit.training import checkpoint as ckpt
+from lorakit.training import distributed as dist
+from lorakit.training import preflight
+from lorakit.training.data import display_prompt, read_jsonl, split_train_eval, tokenize_rows
+from lorakit.training.evaluate import eval_loss, format_table, generation_eval
+from lorakit.training.loop import Trainer
+from lorakit.training.precision import choose_threads, make_autocast
+from lorakit.training.train_config import TrainConfig, build_config
+
+logger = logging.getLogger("lorakit.training")
+ADAPTER = "default"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``before``/``after`` hold exact_match, normalized_match, eval_loss (or are empty)."""
+
+    output_dir: Path
+    status: str  # "completed" | "interrupted"
+    steps: int
+    total_steps: int
+    train_seconds: float
+    final_loss: float | None
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    adapter_bytes: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+    samples: list[dict[str, str]] = field(default_factory=list)
+    rank: int = 0  # under torchrun: this process's rank (every process returns the same result; rank 0 reports)
+
+    def table(self) -> str:
+        return format_table({"before": self.before, "after": self.after})
+
+
+def _load_model(name: str):
+    from lorakit.models import load_model
+
+    return load_model(name)
+
+
+def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
+    from lorakit import LoraConfig
+
+    targets = list(cfg.target_modules) if isinstance(cfg.target_modules, tuple) else cfg.target_modules
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else default_alpha(cfg.r)
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=cfg.model,
+    )
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        logger.warning("this model has no gradient_checkpointing_enable(); training without it.")
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
+def _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d: dist.Dist) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if eval_examples:
+        out["eval_loss"] = eval_loss(model, eval_examples, pad_id, cfg.eval_batch_size, autocast, d)
+    gen_rows = [r for r in eval_rows if r.format != "text"]
+    if cfg.eval_generate and eval_rows and not gen_rows:
+        logger.info("generation eval skipped: the eval rows are 'text' rows with no completion to compare against")
+    if cfg.eval_generate and gen_rows:
+        g = generation_eval(
+            model, tokenizer, gen_rows, cfg.chat_template, cfg.max_new_tokens, cfg.eval_batch_size, autocast, d
+        )
+        out.update(g.summary())
+        out["samples"] = [
+            {"prompt": display_prompt(row), "reference": r, "prediction": x}
+            for row, r, x in list(zip(gen_rows, g.references, g.predictions))[:3]
+        ]
+    return out
+
+
+def _eval_loss_fn(model, examples, pad_id, batch_size, autocast, d: dist.Dist):
+    if not examples:
+        return None
+    return lambda: eval_loss(model, examples, pad_id, batch_size, autocast, d)
+
+
+def _per_process_batch(cfg: TrainConfig, d: dist.Dist) -> TrainConfig:
+    """``global_batch_size`` -> rows per micro-batch per process; it must divide evenly."""
+    if cfg.global_batch_size is None:
+        return cfg
+    share = d.world_size * cfg.gradient_accumulation_steps
+    if cfg.global_batch_size % share:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not divisible by {d.world_size} processes x "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} = {share}; use a multiple of {share}, "
+            "or set --batch-size (rows per process per micro-batch) instead."
+        )
+    return dataclasses.replace(cfg, batch_size=cfg.global_batch_size // share)
+
+
+def _load_base(cfg: TrainConfig, d: dist.Dist):
+    """Load the base model; with several processes per machine, local rank 0 first (it fills the model cache)."""
+    from lorakit.models import resolve_model_source
+
+    resolve_model_source(cfg.model)  # a bad name fails on every process alike, before anyone waits
+    if d.enabled and d.local_rank != 0:
+        dist.barrier(d, "waiting for local rank 0 to load the model")
+    model, tokenizer = _load_model(cfg.model)
+    if d.enabled and d.local_rank == 0:
+        dist.barrier(d, "waiting for the other processes to load the model")
+    # Under FSDP the model stays on the CPU: fully_shard moves each layer to the device as it shards it, so the
+    # whole base never has to fit on one device.
+    if d.device.type != "cpu" and not d.fsdp:
+        model = model.to(d.device)
+    return model, tokenizer
+
+
+def run_training(
+    config: TrainConfig | dict | str | None = None, *, model=None, tokenizer=None, **overrides: Any
+) -> TrainResult:
+    """Fine-tune a LoRA adapter; the Python face of ``lorakit train``.
+
+    Args:
+        config: A `TrainConfig`, a dict of its fields, or a YAML file path; ``overrides`` (field=value) win.
+        model: An already loaded causal LM (default: ``lorakit.models.load_model(config.model)``).
+        tokenizer: Its tokenizer (required with ``model``).
+        **overrides: `TrainConfig` fields, e.g. ``max_steps=100``.
+
+    Returns:
+        The result; the adapter is in ``result.output_dir`` (PEFT format), checkpoints in sub-folders.
+
+    Raises:
+        ConfigError: Bad settings, or an output directory that holds another run.
+        DataError: Missing, empty or malformed data.
+        TrainingStopped: NaN/inf loss; the message names the last good checkpoint.
+    """
+    if isinstance(config, TrainConfig):
+        cfg = build_config(None, **{**config.to_dict(), **overrides})
+    elif isinstance(config, dict):
+        cfg = build_config(None, **{**config, **overrides})
+    else:
+        cfg = build_config(config, **overrides)
+    cfg.require_paths()
+    threads = torch.get_num_threads()
+    try:
+        if model is None or next(model.parameters()).device.type == "cpu":
+            choose_threads(cfg.num_threads)
+        d = dist.setup("fsdp" if cfg.fsdp else "ddp", cfg.dist_timeout)
+        quiet = logging.getLogger("lorakit")
+        level = quiet.level
+        try:
+            if not d.is_main:  # one process reports: rank 0
+                quiet.setLevel(logging.WARNING)
+            return _run(cfg, model, tokenizer, d)
+        finally:
+            quiet.setLevel(level)
+            dist.teardown(d)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
+    if model is not None and tokenizer is None:
+        raise ConfigError(
+            "run_training(model=...) also needs tokenizer=...: pass the tokenizer that goes with the model"
+        )
+    run_cfg = dist.on_main(d, lambda: _per_process_batch(cfg, d), "checking the batch size")
+    rows, eval_rows = _read_rows(cfg)
+    out = dist.on_main(
+        d,
+        lambda: ckpt.prepare_output_dir(cfg.output_dir, cfg.to_dict(), cfg.resume, cfg.overwrite),
+        "checking the output directory",
+    )
+    _log_processes(run_cfg, d)
+    model, tokenizer = _prepare_model(cfg, model, tokenizer, d)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_examples = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.mask_prompt, cfg.chat_template)[0]
+    eval_examples = []
+    if eval_rows:
+        eval_examples = tokenize_rows(eval_rows, tokenizer, cfg.max_length, cfg.mask_prompt, cfg.chat_template)[0]
+    logger.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
+    _preflight(model, d)
+    autocast = make_autocast(cfg.precision, next(model.parameters()).device)
+    evals = _Evals(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d)
+    trainer = _make_trainer(model, train_examples, run_cfg, out, pad_id, autocast, evals, d)
+    before = _eval_before(out, cfg, evals, d)
+    if cfg.resume:
+        trainer.resume()  # restores the RNG state saved with the checkpoint
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # the same stream whatever pre-flight and eval drew; one per process
+    logger.info("training %d steps (%d per epoch) ...", trainer.total_steps, trainer.steps_per_epoch)
+    status = "interrupted"
+    try:
+        status = trainer.train()
+    finally:
+        if d.is_main:
+            loss_png(out / "metrics.jsonl", out / "loss.png")
+    result = TrainResult(
+        out,
+        status,
+        trainer.state.step,
+        trainer.total_steps,
+        trainer.train_seconds,
+        trainer.last_loss,
+        before=before,
+        rank=d.rank,
+    )
+    result.trainable_params, result.total_params = trainable_parameters(model)
+    if status != "completed":
+        logger.warning(
+            "stopped at step %d; checkpoint %s; continue with --resume.", result.steps, trainer.last_checkpoint
+        )
+        return result
+    return _finish(result, model, evals, d)
+
+
+def _read_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """Training and eval rows: ``eval_data`` when given, else ``eval_ratio`` of ``data`` held out (seeded)."""
+    rows = read_jsonl(cfg.data, cfg.skip_bad_lines)
+    if cfg.eval_data:
+        return rows, read_jsonl(cfg.eval_data, cfg.skip_bad_lines)
+    return split_train_eval(rows, cfg.eval_ratio, cfg.seed)
+
+
+def _log_processes(run_cfg: TrainConfig, d: dist.Dist) -> None:
+    if not d.enabled:
+        return
+    per_step = run_cfg.batch_size * run_cfg.gradient_accumulation_steps * d.world_size
+    logger.info(
+        "%d processes (%s, %s): global batch %d = %d per process x %d accumulation x %d",
+        d.world_size,
+        "FSDP2" if d.fsdp else "replicated",
+        "nccl" if torch.cuda.is_available() else "gloo",
+        per_step,
+        run_cfg.batch_size,
+        run_cfg.gradient_accumulation_steps,
+        d.world_size,
+    )
+
+
+def _prepare_model(cfg: TrainConfig, model, tokenizer, d: dist.Dist):
+    """Load the base (unless given), quantize it if asked, and add the trainable adapter; returns (model, tok)."""
+    if model is None:
+        model, tokenizer = _load_base(cfg, d)
+    if cfg.quantize:
+        from lorakit.quant import is_quantized, quantize, quantized_bytes
+
+        if not any(is_quantized(m) for m in model.modules()):  # a caller's model may come quantized already
+            quantize(model, cfg.quantize)
+        logger.info("quantized the frozen base to %s: %s", cfg.quantize, quantized_bytes(model))
+    torch.manual_seed(cfg.seed)
+    add_adapter(model, _lora_config(cfg, model), ADAPTER)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    return model, tokenizer
+
+
+def _preflight(model, d: dist.Dist) -> None:
+    """Say what is adapted, check that the adapter saves and loads, and give every process the same start."""
+    logger.info(preflight.targets_summary(model, ADAPTER))
+    preflight.check_round_trip(model, ADAPTER)
+    if d.enabled:
+        dist.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])  # identical starting adapters
+    if d.fsdp:
+        dist.shard_model(model, d)
+
+
+@dataclass
+class _Evals:
+    """What evaluating the model needs (the same before and after training)."""
+
+    model: Any
+    tokenizer: Any
+    cfg: TrainConfig
+    rows: list[dict]
+    examples: list
+    pad_id: int
+    autocast: Any
+    d: dist.Dist
+
+    def run(self) -> dict[str, Any]:
+        return _eval_all(
+            self.model, self.tokenizer, self.cfg, self.rows, self.examples, self.pad_id, self.autocast, self.d
+        )
+
+
+def _make_trainer(model, train_examples, run_cfg, out: Path, pad_id: int, autocast, evals: _Evals, d) -> Trainer:
+    return Trainer(
+        model,
+        train_examples,
+        run_cfg,
+        out,
+        pad_id,
+        write_adapter_fn=lambda p, state: save_adapter(model, p, ADAPTER, state_dict=state),
+        get_state=lambda: dist.full_state(adapter_state_dict(model, ADAPTER)),
+        set_state=lambda s: _set_adapter_state(model, s, d),
+        autocast=autocast,
+        eval_fn=_eval_loss_fn(model, evals.examples, pad_id, evals.cfg.eval_batch_size, autocast, d),
+        on_first_backward=lambda: preflight.check_gradients(model, ADAPTER),
+        dist=d,
+    )
+
+
+def _eval_before(out: Path, cfg: TrainConfig, evals: _Evals, d: dist.Dist) -> dict[str, Any]:
+    """The base model's eval results (read back from ``eval_before.json`` when resuming)."""
+    before_file = out / "eval_before.json"
+    if cfg.resume and before_file.is_file():
+        return json.loads(before_file.read_text(encoding="utf-8"))
+    logger.info("evaluating the base model on %d eval examples ...", len(evals.rows))
+    with disabled(evals.model):
+        before = evals.run()
+    if d.is_main:
+        atomic_write_text(before_file, json.dumps(before, indent=2) + "\n")
+    return before
+
+
+def _finish(result: TrainResult, model, evals: _Evals, d: dist.Dist) -> TrainResult:
+    """Write the final adapter (rank 0), evaluate it, and write ``eval_results.json``."""
+    out = result.output_dir
+    final = dist.full_state(adapter_state_dict(model, ADAPTER))
+    if d.is_main:
+        save_adapter(model, out, ADAPTER, state_dict=final)
+    dist.barrier(d, "waiting for rank 0 to write the adapter")
+    result.adapter_bytes = sum(f.stat().st_size for f in out.glob("adapter_*") if f.is_file())
+    logger.info("evaluating the adapter ...")
+    result.after = evals.run()
+    result.samples = result.after.pop("samples", [])
+    result.before.pop("samples", None)
+    summary = {
+        "before": result.before,
+        "after": result.after,
+        "steps": result.steps,
+        "train_seconds": round(result.train_seconds, 1),
+        "adapter_bytes": result.adapter_bytes,
+        "trainable_params": result.trainable_params,
+        "samples": result.samples,
+    }
+    if d.is_main:
+        atomic_write_text(out / "eval_results.json", json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def _set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor], d: dist.Dist) -> None:
+    """Restore full adapter tensors (from a checkpoint) into the model; under FSDP into this process's shards."""
+    from lorakit.state import load_adapter_state_dict
+
+    if not d.fsdp:
+        load_adapter_state_dict(model, state, ADAPTER, source="checkpoint")
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
