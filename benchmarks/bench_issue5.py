@@ -16,6 +16,8 @@ The workers are those of bench_speed.py, bench_qlora.py and bench_core.py.
 
 Run: python benchmarks/bench_issue5.py [--reps 5] [--batch 4] [--seq 256] [--threads 1] [--quick]
 Writes benchmarks/results/issue5.json (``--quick``: a temporary file) and prints the Markdown tables.
+``--inference-only [--reps 15]`` runs only the inference table, round by round (bench_inference.py), and writes
+benchmarks/results/issue5_inference.json: per-round ratios to the base, median and range over all rounds.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ def child(kind: str, a: dict) -> dict:
         return train_cli_worker(a["name"] == "chunked", a["ce_batch"], a["seq"], a["threads"], a["ce_steps"])
     if kind == "generate":
         return bench_speed.generate_worker(a["threads"], a["reps"], a["new_tokens"], a["device"])
+    if kind == "inference_rounds":
+        import bench_inference
+
+        return bench_inference.worker(a["threads"], a["reps"], a["new_tokens"], a["device"])
     if kind == "adapter_io":
         return adapter_io_worker(a["threads"], a["reps"], a["device"])
     if kind == "saved":
@@ -146,7 +152,7 @@ def _median(values: list):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 5; --inference-only: 15 rounds)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
@@ -156,6 +162,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="1 repetition of small shapes (a smoke test)")
+    p.add_argument("--inference-only", action="store_true", help="only the inference table, with its range")
     p.add_argument("--out", default=None, help="default: benchmarks/results/issue5.json (--quick: a temp file)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -164,7 +171,10 @@ def main() -> None:
         return
     import torch
 
-    a = {"reps": args.reps, "batch": args.batch, "seq": args.seq, "threads": args.threads, "steps": args.steps,
+    if args.inference_only:
+        inference_only(args)
+        return
+    a = {"reps": args.reps or 5, "batch": args.batch, "seq": args.seq, "threads": args.threads, "steps": args.steps,
          "ce_batch": args.ce_batch, "ce_steps": args.ce_steps, "new_tokens": args.new_tokens,
          "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}  # fmt: skip
     if args.quick:
@@ -179,6 +189,41 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(tables(results))
     print(f"\nwrote {out}")
+
+
+def inference_only(args: argparse.Namespace) -> None:
+    """Run the inference rounds in a fresh process; write issue5_inference.json and print the table."""
+    import torch
+    from provenance import finish, provenance, spread, write_results
+
+    a = {"reps": args.reps or 15, "threads": args.threads, "new_tokens": args.new_tokens,
+         "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}  # fmt: skip
+    if args.quick:
+        a.update(reps=1, new_tokens=4)
+    prov = provenance()
+    start = time.perf_counter()
+    raw = spawn("inference_rounds", a)
+    summary = {k: spread(v) for k, v in raw["ratio_to_base_same_round"].items()}
+    base = {k: spread(raw["seconds"][f"{k}_base"]) for k in ("forward", "generate")}
+    results = {"provenance": finish(prov), "settings": a, "wall_s": time.perf_counter() - start,
+               "ratio_to_base": summary, "base_seconds": base, **raw}  # fmt: skip
+    out = Path(args.out or (Path(tempfile.gettempdir()) / "issue5_inference_quick.json" if args.quick else HERE /
+                            "results" / "issue5_inference.json"))  # fmt: skip
+    write_results(out, results)
+    print(inference_table(results))
+    print(f"\nwrote {out}")
+
+
+def inference_table(r: dict) -> str:
+    """Markdown: per-round ratio to the base, median (min-max) over the rounds."""
+    s, q = r["settings"], r["ratio_to_base"]
+    lines = [f"| inference, 4 prompts, x base (median (min-max) of {s['reps']} rounds) | lorakit unmerged "
+             "| lorakit merged | PEFT unmerged |", "|---|---|---|---|"]  # fmt: skip
+    for kind, label in (("forward", "prompt forward"), ("generate", f"greedy generate, {s['new_tokens']} new tokens")):
+        cells = [f"{q[f'{kind}_{m}']['median']:.3f}x ({q[f'{kind}_{m}']['min']:.2f}-{q[f'{kind}_{m}']['max']:.2f})"
+                 for m in ("lorakit", "lorakit_merged", "peft")]  # fmt: skip
+        lines.append(f"| {label} (base {r['base_seconds'][kind]['median']:.2f} s) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _x(a: float, b: float) -> str:

@@ -6,6 +6,8 @@
    bf16 compute 1e-2); peak CUDA memory of fwd+bwd holds no second dense weight per layer.
 3. LoRA on a bnb Linear4bit (CUDA) trains; gradients equal the torch backend's (1e-4).
 
+Every check records ``ok`` and can fail; the script exits non-zero when one did.
+
 Run: python benchmarks/device_check_qlora.py   (writes benchmarks/results/device_check_qlora.json)
 """
 
@@ -40,6 +42,8 @@ def codes_vs_bnb_cuda() -> dict:
             "dq_codes_equal": torch.equal(packed_dq.reshape(-1), q_dq.packed),
             "dq_absmax_max_code_diff": (state_dq.absmax.int() - q_dq.absmax.int()).abs().max().item(),
         }
+        r = out[str(shape)]
+        r["ok"] = r["codes_equal"] and r["values_equal"] and r["dq_codes_equal"] and r["dq_absmax_max_code_diff"] <= 1
     return out
 
 
@@ -54,18 +58,30 @@ def nf4linear_cuda() -> dict:
             ref.bias.copy_(layer.bias)
         x = torch.randn(4, 256, 576, device="cuda", dtype=dtype, requires_grad=True)
         x_ref = x.detach().clone().requires_grad_(True)
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        layer(x).float().pow(2).sum().backward()
-        peak = torch.cuda.max_memory_allocated() - start
-        ref(x_ref).float().pow(2).sum().backward()
+        peak = _peak_extra(layer, x)
+        ref_peak = _peak_extra(ref, x_ref)
+        dense = 576 * 1536 * torch.finfo(dtype).bits / 8
         out[str(dtype)] = {
             "grad_max_diff": (x.grad - x_ref.grad).abs().max().item(),
-            "ok": torch.allclose(x.grad.float(), x_ref.grad.float(), atol=tol * 10, rtol=tol),
+            "grad_ok": torch.allclose(x.grad.float(), x_ref.grad.float(), atol=tol * 10, rtol=tol),
             "peak_extra_mib": peak / 2**20,
-            "dense_weight_mib": 576 * 1536 * torch.finfo(dtype).bits / 8 / 2**20,
+            "dense_linear_peak_extra_mib": ref_peak / 2**20,
+            "dense_weight_mib": dense / 2**20,
+            # at most one transient dense weight beyond what a plain Linear's fwd+bwd needs (no second copy)
+            "memory_ok": peak <= ref_peak + dense,
         }
+        out[str(dtype)]["ok"] = out[str(dtype)]["grad_ok"] and out[str(dtype)]["memory_ok"]
     return out
+
+
+def _peak_extra(module: nn.Module, x: torch.Tensor) -> int:
+    """Peak CUDA bytes allocated by a forward + backward of ``module`` on ``x``, above what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    module(x).float().pow(2).sum().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
 
 
 def lora_on_bnb_cuda() -> dict:
@@ -81,7 +97,8 @@ def lora_on_bnb_cuda() -> dict:
         wrapped(x).pow(2).sum().backward()
         results[backend] = (wrapped.lora_A["a"].weight.grad, dequantized_weight(layer, torch.float32))
     (ga, wa), (gb, wb) = results["bnb"], results["torch"]
-    return {"weight_max_diff": (wa - wb).abs().max().item(), "lora_grad_max_diff": (ga - gb).abs().max().item()}
+    weight_diff, grad_diff = (wa - wb).abs().max().item(), (ga - gb).abs().max().item()
+    return {"weight_max_diff": weight_diff, "lora_grad_max_diff": grad_diff, "ok": grad_diff <= 1e-4}
 
 
 def main() -> None:
@@ -96,6 +113,18 @@ def main() -> None:
     out = Path(__file__).parent / "results" / "device_check_qlora.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    failed = _failed(report)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+def _failed(report: dict, path: str = "") -> list[str]:
+    """Every entry of the report whose ``ok`` is False, by its path."""
+    failed = [path or "report"] if report.get("ok") is False else []
+    for key, value in report.items():
+        if isinstance(value, dict):
+            failed += _failed(value, f"{path}.{key}" if path else key)
+    return failed
 
 
 if __name__ == "__main__":

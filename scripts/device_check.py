@@ -163,6 +163,34 @@ def _median_time(fn, reps=7) -> float:
     return statistics.median(times)
 
 
+# What the training-step check demands (it fails otherwise): lorakit's step no slower than this x PEFT's, peak
+# memory no more than this x PEFT's, the same first loss (B = 0: both are the base model), and training that lowers
+# the loss on the repeated batch.
+MAX_STEP_RATIO = 1.10
+MAX_PEAK_RATIO = 1.05
+FIRST_LOSS_RTOL = 1e-2
+
+
+def _train_step_run(make, base, ids) -> dict:
+    """Time one adapter kind's bf16-autocast training step; the losses of its first and last steps."""
+    model = make(copy.deepcopy(base)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    losses = []
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    torch.cuda.reset_peak_memory_stats()
+    step_s = _median_time(step)
+    return {"step_s": step_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "first_loss": losses[0],
+            "last_loss": losses[-1]}  # fmt: skip
+
+
 @guarded
 def train_step_vs_peft(config_dir: Path) -> None:
     from peft import LoraConfig as PeftLoraConfig
@@ -171,32 +199,23 @@ def train_step_vs_peft(config_dir: Path) -> None:
     base = _smollm(config_dir)
     ids = torch.randint(0, 49152, (8, 512), device=DEV)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    out = {}
-    for name, make in (
-        (
-            "lorakit",
-            lambda m: lorakit.add_adapter(
-                m, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.05)
-            ),
-        ),
-        (
-            "peft",
-            lambda m: get_peft_model(m, PeftLoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.05)),
-        ),
-    ):
-        model = make(copy.deepcopy(base)).train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step(model=model, opt=opt):
-            with torch.autocast(DEV, dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        torch.cuda.reset_peak_memory_stats()
-        out[name] = {"step_s": _median_time(step), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    record("train_step_vs_peft", True, **out, ratio=out["lorakit"]["step_s"] / out["peft"]["step_s"])
+    kw = dict(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.05)
+    out = {
+        "lorakit": _train_step_run(lambda m: lorakit.add_adapter(m, LoraConfig(**kw)), base, ids),
+        "peft": _train_step_run(lambda m: get_peft_model(m, PeftLoraConfig(**kw)), base, ids),
+    }
+    ours, theirs = out["lorakit"], out["peft"]
+    ratio = ours["step_s"] / theirs["step_s"]
+    peak_ratio = ours["peak_gib"] / theirs["peak_gib"]
+    checks = {
+        f"step time <= {MAX_STEP_RATIO}x PEFT's": ratio <= MAX_STEP_RATIO,
+        f"peak memory <= {MAX_PEAK_RATIO}x PEFT's": peak_ratio <= MAX_PEAK_RATIO,
+        "same first loss as PEFT": abs(ours["first_loss"] - theirs["first_loss"])
+        <= FIRST_LOSS_RTOL * abs(theirs["first_loss"]),
+        "loss went down": all(r["last_loss"] < r["first_loss"] for r in out.values()),
+    }
+    failed = [name for name, ok in checks.items() if not ok]
+    record("train_step_vs_peft", not failed, **out, ratio=ratio, peak_ratio=peak_ratio, failed=failed)
 
 
 def main() -> None:
@@ -224,6 +243,9 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
+    failed = [name for name, r in REPORT.items() if isinstance(r, dict) and r.get("ok") is False]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 EXTRA: dict = {}

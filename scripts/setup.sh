@@ -20,3 +20,9 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
 fi
+# llama.cpp for the GGUF export tests, only from a prebuilt wheel (building llama-cpp-python from source takes
+# 10+ CPU minutes). Without one, the tests that run llama.cpp skip and say why.
+WHEELS=${LORAKIT_WHEELS:-/work/wheels}
+if ! python -c "import llama_cpp" 2>/dev/null && compgen -G "$WHEELS/llama_cpp_python-*.whl" >/dev/null; then
+  python -m pip install -q "$WHEELS"/llama_cpp_python-*.whl
+fi

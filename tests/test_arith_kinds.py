@@ -22,7 +22,7 @@ def _outputs(base: nn.Module, path: Path, x: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def test_embedding_adapters_combine_exactly_and_resize_losslessly(tiny_llama, tmp_path):
+def test_embedding_adapters_combine_to_their_summed_update_and_full_rank_resize_keeps_outputs(tiny_llama, tmp_path):
     cfg = dict(r=3, lora_alpha=6, target_modules=["embed_tokens", "q_proj"])
     a = save_random_adapter(tiny_llama, tmp_path / "a", seed=1, **cfg)
     b = save_random_adapter(tiny_llama, tmp_path / "b", seed=2, **cfg)

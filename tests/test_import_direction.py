@@ -18,6 +18,7 @@ LEVELS = {
     "io": 3, "arith": 3, "quant_merge": 3,
     "models": 4, "model_cache": 4, "training": 4, "serve": 4, "plots": 4, "inference": 4,
     "__init__": 4,  # the public API re-exports (models, train and serve may use it)
+    "export": 5, "runtimes": 5,  # GGUF / flat-PEFT export and the serving-runtime rules (use models)
     "commands": 6, "cli": 6,
     "__main__": 7,
 }  # fmt: skip

@@ -75,10 +75,15 @@ def test_linear_layers_route_with_batched_matmuls_not_a_loop_over_adapters(multi
     def no_loop(self, x, name):
         raise AssertionError("the per-adapter path ran under a route")
 
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(5))
+    rows = ["a", "b", "a"]
+    with torch.no_grad():
+        solo = [_solo(multi, name, ids[i : i + 1]) for i, name in enumerate(rows)]
     monkeypatch.setattr(LoraLinear, "lora_forward", no_loop)
-    ids = torch.randint(0, 128, (3, 5))
-    with torch.no_grad(), lorakit.route(multi, ["a", "b", "a"]):
-        multi(ids)
+    with torch.no_grad(), lorakit.route(multi, rows):
+        mixed = multi(ids).logits
+    for i in range(len(rows)):
+        torch.testing.assert_close(mixed[i : i + 1], solo[i], atol=1e-5, rtol=0)
 
 
 def test_route_state_is_restored_when_the_forward_raises(multi):
@@ -92,18 +97,31 @@ def test_route_state_is_restored_when_the_forward_raises(multi):
 
 
 def test_unknown_route_names_fail_before_any_state_changes(multi):
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(6))
+    lorakit.set_adapter(multi, "b")
+    with torch.no_grad():
+        before = multi(ids).logits
     with pytest.raises(AdapterNotFoundError, match="nope"):
         with lorakit.route(multi, ["a", "nope"]):
             pytest.fail("the block must not run")
     assert current_route() is None
+    assert lorakit.active_adapters(multi) == ["b"]
+    with torch.no_grad():
+        assert torch.equal(multi(ids).logits, before)
 
 
 def test_routing_a_merged_model_is_refused(multi):
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(7))
     lorakit.set_adapter(multi, "a")
     lorakit.merge(multi)
+    with torch.no_grad():
+        merged = multi(ids).logits
     with pytest.raises(MergeError, match="unmerge"):
         with lorakit.route(multi, ["a", None]):
-            pass
+            pytest.fail("the block must not run")
+    assert current_route() is None
+    with torch.no_grad():
+        assert torch.equal(multi(ids).logits, merged)  # still merged, nothing changed
 
 
 def test_gpt2_conv1d_and_plain_convs_route_per_row():
@@ -140,7 +158,7 @@ def _row_losses(model, ids):
     return nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(dim=1)  # (batch,)
 
 
-def test_two_adapters_train_in_one_routed_step_exactly_as_each_alone(multi):
+def test_two_adapters_train_in_one_routed_step_as_each_alone(multi):
     """Gradients reach only each row's adapter and equal training that adapter alone on its rows."""
     multi.train()  # dropout is 0: deterministic
     ids = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(3))
@@ -174,11 +192,14 @@ def test_new_routes_reuse_stacked_factors_until_an_adapter_changes(multi):
     layer = multi.model.layers[0].self_attn.q_proj
     ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(4))
     with lorakit.route(multi, ["a", "b", None]):
-        multi(ids)
+        first = multi(ids).logits
     stacks = layer.stack_cache[1]
     with lorakit.route(multi, ["b", "b", "a"]):
-        multi(ids)
+        second = multi(ids).logits
     assert layer.stack_cache[1] is stacks
+    torch.testing.assert_close(first[:2], torch.cat([_solo(multi, n, ids[i : i + 1]) for i, n in enumerate("ab")]),
+                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(second[2:], _solo(multi, "a", ids[2:]), atol=1e-5, rtol=0)  # reused stacks still right
     layer.lora_B["a"].weight.mul_(3.0)  # in place: the version counter moves
     with lorakit.route(multi, ["a", None, None]):
         mixed = multi(ids).logits

@@ -59,7 +59,7 @@ def test_init_false_is_not_a_no_op(add_lora):
     assert not torch.allclose(add_lora(base, init=False)(x), expected, atol=1e-4)
 
 
-def test_merge_unmerge_exact_and_merge_twice_is_a_no_op(add_lora):
+def test_merge_keeps_outputs_unmerge_restores_the_weight_and_merge_twice_is_a_no_op(add_lora):
     layer = add_lora(nn.Conv2d(3, 4, kernel_size=3, padding=1), init=False)
     original = layer.base_layer.weight.detach().clone()
     x = torch.randn(2, 3, 6, 6)

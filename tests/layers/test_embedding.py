@@ -50,7 +50,7 @@ def test_padding_idx_row_is_respected_like_the_base(add_lora):
     torch.testing.assert_close(layer(ids), by_formula(layer, ids), **TOL)
 
 
-def test_merge_unmerge_exact_and_merge_twice_is_a_no_op(add_lora):
+def test_merge_keeps_outputs_unmerge_restores_the_weight_and_merge_twice_is_a_no_op(add_lora):
     layer = add_lora(nn.Embedding(20, 6), init=False)
     original = layer.base_layer.weight.detach().clone()
     ids = torch.randint(0, 20, (3, 7))

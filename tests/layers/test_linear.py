@@ -197,7 +197,7 @@ def test_gpt2_conv1d_merge_uses_transposed_layout(add_lora):
     torch.testing.assert_close(layer.base_layer.weight, original, **TOL)
 
 
-def test_gpt2_model_conv1d_layers_get_lora_and_merge_exactly():
+def test_gpt2_model_conv1d_layers_get_lora_and_merged_outputs_match_unmerged():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)

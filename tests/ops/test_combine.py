@@ -19,7 +19,7 @@ def _dense(delta: torch.Tensor) -> LayerFactors:
     return LayerFactors(a=torch.eye(delta.shape[1]), b=delta.clone(), scaling=1.0)
 
 
-def test_linear_is_the_exact_weighted_sum_with_rank_the_sum_of_ranks():
+def test_linear_is_the_weighted_sum_of_updates_with_rank_the_sum_of_ranks():
     fs = [_factors(12, 10, 4, 2.0, seed=1), _factors(12, 10, 2, 0.5, seed=2)]
     out = combine_layer("l", fs, [0.7, -0.3], "linear", None)
     assert out.rank == 6 and out.scaling == 1.0

@@ -109,14 +109,36 @@ def test_sampling_is_reproducible_with_a_seed(server):
     assert len(others | {first}) > 1
 
 
+def _metrics(url: str) -> dict[str, float]:
+    """``/metrics`` as {sample name with labels: value}; every non-comment line must parse."""
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def test_metrics_report_requests_tokens_batches_adapters_and_queue(server):
     url, _ = server
-    _post(url, "/v1/completions", {"model": "a6", "prompt": PROMPT, "max_tokens": 3})
-    text = httpx.get(url + "/metrics").text
-    for metric in ("lorakit_requests_total", "lorakit_generated_tokens_total", "lorakit_tokens_per_second",
-                   "lorakit_batch_size_count", "lorakit_resident_adapters", "lorakit_queue_depth"):  # fmt: skip
-        assert f"\n{metric}" in text or text.startswith(metric), metric
-    assert 'lorakit_adapter_resident{adapter="a6"} 1' in text
+    before = _metrics(url)
+    body = _post(url, "/v1/completions", {"model": "a6", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}).json()
+    after = _metrics(url)
+    usage, reason = body["usage"], body["choices"][0]["finish_reason"]
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    assert delta[f'lorakit_requests_total{{finish_reason="{reason}"}}'] == 1
+    assert sum(v for k, v in delta.items() if k.startswith("lorakit_requests_total")) == 1
+    assert delta["lorakit_prompt_tokens_total"] == usage["prompt_tokens"]
+    assert delta["lorakit_generated_tokens_total"] == usage["completion_tokens"]
+    # the prefill picks the first token; every further token is one decode step of this request alone
+    assert delta["lorakit_batch_size_count"] == usage["completion_tokens"] - 1
+    assert delta["lorakit_batch_size_sum"] == delta["lorakit_batch_size_count"]
+    assert delta['lorakit_batch_size_bucket{le="1"}'] == delta["lorakit_batch_size_count"]
+    assert after["lorakit_tokens_per_second"] > 0
+    assert after["lorakit_queue_depth"] == 0 and after["lorakit_running_requests"] == 0
+    resident = [k for k in after if k.startswith("lorakit_adapter_resident{")]
+    assert after['lorakit_adapter_resident{adapter="a6"}'] == 1
+    assert after["lorakit_resident_adapters"] == len(resident)
 
 
 def test_the_official_openai_client_works_unchanged(server):
@@ -157,10 +179,14 @@ def test_bad_input_gets_openai_style_errors(server):
     msg = _error(_post(url, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 65}), 400)
     assert "max_tokens=65" in msg and "limit of 64" in msg
     long_prompt = "word " * 300
+    n_long = len(encode_prompt(server[1].tokenizer, long_prompt))
+    assert n_long >= 256
     msg = _error(_post(url, "/v1/completions", {"model": "tiny", "prompt": long_prompt}), 400)
-    assert "maximum context length is 256 tokens" in msg and "prompt has 30" in msg
+    assert f"maximum context length is 256 tokens, but the prompt has {n_long} tokens" in msg
+    n = len(encode_prompt(server[1].tokenizer, "word " * 200))
+    assert n < 256 < n + 60
     msg = _error(_post(url, "/v1/completions", {"model": "tiny", "prompt": "word " * 200, "max_tokens": 60}), 400)
-    assert "(200 in the prompt, 60 in the completion)" in msg.replace("201", "200")
+    assert f"you requested {n + 60} tokens ({n} in the prompt, 60 in the completion)" in msg
     msg = _error(_post(url, "/v1/completions", {"model": "nope", "prompt": "x"}), 404)
     assert "'nope' does not exist" in msg and "'tiny', 'a0'" in msg
     assert "temperature" in _error(

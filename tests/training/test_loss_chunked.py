@@ -125,7 +125,7 @@ def test_default_chunk_is_the_module_constant_and_zero_turns_it_off(monkeypatch)
     assert calls == [loss_mod.CE_CHUNK_ROWS or 1024]
 
 
-def test_adapter_on_the_head_is_not_chunked_and_still_exact():
+def test_adapter_on_the_head_is_not_chunked_and_matches_the_unchunked_loss():
     model = tiny_llama()
     torch.manual_seed(1)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False))

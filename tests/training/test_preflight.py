@@ -34,7 +34,9 @@ def test_gradients_reach_every_lora_b_after_one_backward():
     model = adapted().train()
     ids = torch.randint(0, 99, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
-    check_gradients(model, "default")
+    check_gradients(model, "default")  # raises PreflightError when one is missing
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_gradient_checkpointing_run_passes_preflight(pc_data, tmp_path):

@@ -25,7 +25,20 @@ class _Parser(argparse.ArgumentParser):
 
 # Subcommands in the order `lorakit --help` lists them; each is a module of `lorakit.commands` with HELP,
 # add_args(parser) and run(args) -> exit status. Imported when the parser is built, so `import lorakit` stays light.
-COMMANDS = ("train", "eval", "info", "merge", "combine", "resize", "inspect", "sweep", "serve", "ui")
+COMMANDS = (
+    "train",
+    "eval",
+    "info",
+    "merge",
+    "combine",
+    "resize",
+    "inspect",
+    "sweep",
+    "serve",
+    "ui",
+    "export",
+    "check",
+)
 
 
 def _commands() -> dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]]:

@@ -19,13 +19,27 @@ from typing import Any
 from lorakit.config import ALL_LINEAR, LoraConfig, default_alpha
 from lorakit.errors import ConfigError, FormatError
 from lorakit.io.peft_format import CONFIG_NAME
+from lorakit.training.formats import FORMAT_CHOICES
 from lorakit.training.train_config import TrainConfig, build_config
 
 _HELP = {
-    "data": "training data: a JSONL file or a directory of them (text, prompt/completion or messages rows)",
+    "data": "training data: JSONL/JSON/CSV/Parquet/Arrow file(s) (comma-separated or a glob), a folder of them, a "
+    "save_to_disk folder, or a hub dataset id; rows: text, prompt/completion, messages, Alpaca or ShareGPT",
     "output_dir": "run directory: final adapter (PEFT format), checkpoint-N/ sub-folders, metrics.jsonl, loss.png",
     "model": "base model: embedded name (default smollm2-135m-instruct), HF directory or .gguf file",
-    "eval_data": "held-out JSONL (default: --eval-ratio of --data is held out)",
+    "eval_data": "held-out data, any --data source (default: --eval-split of --data is held out)",
+    "eval_ratio": "share of --data held out for eval when there is no --eval-data",
+    "data_split": "split of a hub dataset or a saved DatasetDict",
+    "data_config": "configuration (subset) name of a hub dataset",
+    "eval_data_split": "split of --eval-data (default: --data-split)",
+    "format": "row format: auto (detect per row), text, prompt_completion, messages, alpaca or sharegpt",
+    "text_column": "column holding the text of text rows (default: text)",
+    "prompt_column": "column holding the prompt (default: prompt)",
+    "completion_column": "column holding the completion (default: completion)",
+    "messages_column": "column holding the chat messages (default: messages)",
+    "packing": "pack several examples into each --max-length row, attention confined to each example",
+    "group_by_length": "batch examples of similar length together (less padding; ignored with --packing)",
+    "report_to": "experiment trackers, comma-separated: tensorboard, mlflow, wandb (offline unless WANDB_MODE)",
     "target_modules": "module names / dotted suffixes (space- or comma-separated), 'all-linear', or one regex",
     "lora_alpha": "LoRA scale numerator (default: 2 * r)",
     "max_steps": "optimizer steps (overrides --num-epochs)",
@@ -42,8 +56,9 @@ _HELP = {
     "skip_bad_lines": "skip (and count) JSONL lines that are not JSON or lack the needed keys",
 }
 # torchrun's own parser reads abbreviations anywhere on its command line: "--r" is ambiguous there.
-_ALIASES = {"r": ["--lora-r"]}
-_CHOICES = {"precision": ["auto", "bf16", "fp32"], "lr_scheduler": ["cosine", "linear", "constant"]}
+_ALIASES = {"r": ["--lora-r"], "eval_ratio": ["--eval-split"]}
+_CHOICES = {"precision": ["auto", "bf16", "fp32"], "lr_scheduler": ["cosine", "linear", "constant"],
+            "format": list(FORMAT_CHOICES)}  # fmt: skip
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
 

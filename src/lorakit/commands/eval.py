@@ -14,7 +14,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lorakit eval``."""
     parser.add_argument("--model", default=None, help="base model (default: smollm2-135m-instruct)")
     parser.add_argument("--adapter", default=None, help="adapter folder (PEFT format); omitted: base model only")
-    parser.add_argument("--data", required=True, help="JSONL with prompt/completion or messages rows")
+    parser.add_argument("--data", required=True, help="eval rows, any source train takes: prompt/completion or chat")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16 tokens")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together")

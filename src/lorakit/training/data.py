@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import DataError
+from lorakit.training.formats import RowProblem, RowSpec, normalize
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMATS = ("text", "prompt_completion", "messages")
 
 
 @dataclass(frozen=True)
@@ -96,46 +96,14 @@ def jsonl_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def detect_format(record: Any) -> str | None:
-    """The format of one record, or None when it has none of the known key sets."""
-    if not isinstance(record, dict):
-        return None
-    if "messages" in record:
-        return "messages"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    if "text" in record:
-        return "text"
-    return None
-
-
-def _row_problem(record: dict[str, Any], fmt: str) -> str | None:
-    """What is wrong with the values of a record whose keys matched ``fmt`` (None when fine)."""
-    if fmt == "text":
-        ok = isinstance(record["text"], str) and record["text"].strip()
-        return None if ok else "'text' must be a non-empty string"
-    if fmt == "prompt_completion":
-        if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
-            return "'prompt' and 'completion' must be strings"
-        return None if record["completion"].strip() else "'completion' is empty"
-    msgs = record["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        return "'messages' must be a non-empty list"
-    for m in msgs:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return "every message needs string 'role' and 'content'"
-    if not any(m["role"] == "assistant" for m in msgs):
-        return "'messages' has no assistant turn to learn"
-    return None
-
-
-def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> list[Row]:
+def read_jsonl(path: str | Path, skip_bad_lines: bool = False, spec: RowSpec | None = None) -> list[Row]:
     """Read and validate every row of a JSONL file or directory.
 
     Args:
         path: A ``.jsonl`` file or a directory of them.
         skip_bad_lines: Skip (and count in one warning) lines that are not JSON or lack the needed keys,
             instead of raising.
+        spec: Format and column names to expect (default: detect each row; see `lorakit.training.formats`).
 
     Returns:
         The rows, in file order.
@@ -158,12 +126,10 @@ def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> list[Row]:
                 except json.JSONDecodeError as e:
                     problem = f"not valid JSON ({e.msg} at column {e.colno})"
                 if problem is None:
-                    fmt = detect_format(record)
-                    if fmt is None:
-                        got = sorted(record) if isinstance(record, dict) else type(record).__name__
-                        problem = f"has keys {got}; expected 'text', 'prompt'+'completion' or 'messages'"
-                    else:
-                        problem = _row_problem(record, fmt)
+                    try:
+                        record, fmt = normalize(record, spec or RowSpec())
+                    except RowProblem as e:
+                        problem = str(e)
                 if problem is None:
                     rows.append(Row(record, where, fmt))
                 elif skip_bad_lines:

@@ -253,10 +253,11 @@ def run_eval(
     """
     from lorakit.errors import DataError
     from lorakit.models import default_model_name, load_model
-    from lorakit.training.data import read_jsonl, tokenize_rows
+    from lorakit.training.data import tokenize_rows
     from lorakit.training.precision import make_autocast
+    from lorakit.training.sources import read_rows
 
-    rows = read_jsonl(data, skip_bad_lines)
+    rows = list(read_rows(data, skip_bad_lines=skip_bad_lines))
     no_completion = [r.source for r in rows if r.format == "text"]
     if no_completion:
         raise DataError(

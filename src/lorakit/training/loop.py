@@ -26,6 +26,7 @@ from lorakit.training.collate import batch_order, collate, count_label_tokens
 from lorakit.training.data import Example
 from lorakit.training.distributed import Dist, DistributedError
 from lorakit.training.loss import causal_lm_loss
+from lorakit.training.packing import collate_packed
 from lorakit.training.schedule import StopFlag, lr_lambda, param_groups
 from lorakit.training.train_config import TrainConfig
 
@@ -63,6 +64,10 @@ class Trainer:
         eval_fn: Called at ``eval_steps``; returns the eval loss.
         on_first_backward: Called after the first backward of this process (the pre-flight gradient check).
         dist: This process's place in a multi-process run (default: a single process); see `distributed`.
+        on_log: Also receives every record written to ``metrics.jsonl`` (the experiment trackers).
+
+    ``examples`` may be packed rows (`lorakit.training.packing.PackedRow`, with ``config.packing``): they are then
+    collated with restarting position ids instead of an attention mask.
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class Trainer:
         eval_fn: Callable[[], float] | None = None,
         on_first_backward: Callable[[], None] | None = None,
         dist: Dist | None = None,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.model, self.examples, self.config, self.output_dir = model, examples, config, output_dir
         self.pad_id, self.write_adapter_fn, self.get_state, self.set_state = (
@@ -89,6 +95,8 @@ class Trainer:
         )
         self.autocast, self.eval_fn, self.on_first_backward = autocast, eval_fn, on_first_backward
         self.dist = dist or Dist()
+        self.on_log = on_log
+        self.collate_fn = collate_packed if config.packing else collate
         self.lengths = [len(e) for e in examples]
         self.global_batch = config.batch_size * self.dist.world_size  # rows of one micro-batch over all processes
         batches = math.ceil(len(examples) / self.global_batch)
@@ -211,9 +219,9 @@ class Trainer:
         """
         mine, _ = dist.shard(idx, self.dist)
         if mine:
-            batch = collate([self.examples[i] for i in mine], self.pad_id)
-            return batch, int(batch["attention_mask"].sum())
-        return collate([self.examples[idx[0]].without_labels()], self.pad_id), 0
+            rows = [self.examples[i] for i in mine]
+            return self.collate_fn(rows, self.pad_id), sum(len(r) for r in rows)
+        return self.collate_fn([self.examples[idx[0]].without_labels()], self.pad_id), 0
 
     def _step(self, stream: Iterator[list[int]], stop: Callable[[], bool] = lambda: False) -> tuple[float, int, bool]:
         """One optimizer step: (mean loss per learned token, tokens processed, stop requested on any process).
@@ -268,6 +276,8 @@ class Trainer:
             return
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.on_log is not None:
+            self.on_log(record)
 
     def train(self) -> str:
         """Run to ``total_steps``; returns "completed" or "interrupted" (Ctrl-C, after a checkpoint).

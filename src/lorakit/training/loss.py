@@ -16,6 +16,8 @@ the cross-entropy in fp32, as ``head(h).float()`` would).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -172,7 +174,8 @@ def causal_lm_loss(
 
     Args:
         model: A Hugging Face causal LM (possibly LoRA-wrapped).
-        batch: ``input_ids``, ``attention_mask``, ``labels``, each (batch, seq).
+        batch: ``input_ids``, ``labels`` and ``attention_mask`` (padded) or ``position_ids`` (packed; see
+            `lorakit.training.packing`), each (batch, seq).
         reduction: ``"mean"`` over learned tokens or ``"sum"``.
         split_head: Run the decoder and the head separately when that is exact (see the module docstring);
             False always calls ``model(...)`` (FSDP needs its root module's forward to run).
@@ -185,12 +188,23 @@ def causal_lm_loss(
     parts = _split_head(model) if split_head else None
     if parts is not None:
         decoder, head = parts
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = decoder(input_ids=batch["input_ids"], **_attention_inputs(batch)).last_hidden_state
         chunk = CE_CHUNK_ROWS if chunk_size is None else chunk_size
         if chunk > 0 and _is_plain_linear(head):
             return chunked_head_loss(hidden[:, :-1][keep], head, labels[keep], reduction, chunk)
         logits = head(hidden[:, :-1][keep])  # (n_learned, vocab)
     else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], **_attention_inputs(batch))
         logits = out.logits[:, :-1][keep]
     return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
+
+
+def _attention_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``attention_mask`` of a padded batch, or ``position_ids`` of a packed one.
+
+    From restarting position ids (and no 2-D mask) Hugging Face models build the block-diagonal mask, but only
+    without a KV cache, so ``use_cache=False`` goes along (the models' default would create one).
+    """
+    if "position_ids" in batch and "attention_mask" not in batch:
+        return {"position_ids": batch["position_ids"], "use_cache": False}
+    return {"attention_mask": batch["attention_mask"]}

@@ -27,10 +27,13 @@ from lorakit.state import adapter_state_dict
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist
 from lorakit.training import preflight
-from lorakit.training.data import display_prompt, read_jsonl, split_train_eval, tokenize_rows
+from lorakit.training.data import display_prompt, tokenize_rows
 from lorakit.training.evaluate import eval_loss, format_table, generation_eval
 from lorakit.training.loop import Trainer
+from lorakit.training.packing import check_packing_support, pack
 from lorakit.training.precision import choose_threads, make_autocast
+from lorakit.training.sources import read_train_eval
+from lorakit.training.trackers import Trackers, parse_report_to, require_trackers
 from lorakit.training.train_config import TrainConfig, build_config
 
 logger = logging.getLogger("lorakit.training")
@@ -195,7 +198,8 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
             "run_training(model=...) also needs tokenizer=...: pass the tokenizer that goes with the model"
         )
     run_cfg = dist.on_main(d, lambda: _per_process_batch(cfg, d), "checking the batch size")
-    rows, eval_rows = _read_rows(cfg)
+    rows, eval_rows = read_train_eval(cfg)
+    require_trackers(parse_report_to(cfg.report_to))  # a missing extra fails before the model loads
     out = dist.on_main(
         d,
         lambda: ckpt.prepare_output_dir(cfg.output_dir, cfg.to_dict(), cfg.resume, cfg.overwrite),
@@ -209,10 +213,27 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
     if eval_rows:
         eval_examples = tokenize_rows(eval_rows, tokenizer, cfg.max_length, cfg.mask_prompt, cfg.chat_template)[0]
     logger.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
+    if cfg.packing:
+        train_examples = _pack(model, train_examples, cfg.max_length)
     _preflight(model, d)
     autocast = make_autocast(cfg.precision, next(model.parameters()).device)
     evals = _Evals(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d)
     trainer = _make_trainer(model, train_examples, run_cfg, out, pad_id, autocast, evals, d)
+    trackers = Trackers(parse_report_to(cfg.report_to) if d.is_main else (), out)
+    trainer.on_log = trackers.log
+    try:
+        trackers.log_config(cfg.to_dict())
+        result = _train(cfg, trainer, evals, out, d)
+        if result.status == "completed":
+            trackers.log_final(result.steps, result.before, result.after)
+        return result
+    finally:
+        trackers.close()
+
+
+def _train(cfg: TrainConfig, trainer: Trainer, evals: _Evals, out: Path, d: dist.Dist) -> TrainResult:
+    """Evaluate the base, train (or resume), then save and evaluate the adapter."""
+    model = evals.model
     before = _eval_before(out, cfg, evals, d)
     if cfg.resume:
         trainer.resume()  # restores the RNG state saved with the checkpoint
@@ -244,12 +265,16 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
     return _finish(result, model, evals, d)
 
 
-def _read_rows(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """Training and eval rows: ``eval_data`` when given, else ``eval_ratio`` of ``data`` held out (seeded)."""
-    rows = read_jsonl(cfg.data, cfg.skip_bad_lines)
-    if cfg.eval_data:
-        return rows, read_jsonl(cfg.eval_data, cfg.skip_bad_lines)
-    return split_train_eval(rows, cfg.eval_ratio, cfg.seed)
+def _pack(model, examples, max_length: int):
+    """``--packing``: the examples packed into ``max_length`` rows (see `lorakit.training.packing`)."""
+    check_packing_support(model)
+    packed = pack(examples, max_length)
+    waste = 1 - sum(len(e) for e in examples) / (max_length * len(packed))
+    logger.info(
+        "packing: %d examples -> %d rows of <= %d tokens (%.1f%% of the row tokens are padding)",
+        len(examples), len(packed), max_length, 100 * waste,
+    )  # fmt: skip
+    return packed
 
 
 def _log_processes(run_cfg: TrainConfig, d: dist.Dist) -> None:

@@ -53,6 +53,17 @@ class TrainConfig:
     chat_template: bool = True  # render prompt/completion rows as chat turns when the tokenizer has a template
     group_by_length: bool = True
     skip_bad_lines: bool = False
+    # data sources, formats, packing, trackers (lorakit.training.sources / formats / packing / trackers)
+    data_split: str = "train"  # split of a hub dataset or a saved DatasetDict
+    data_config: str | None = None  # configuration (subset) of a hub dataset
+    eval_data_split: str | None = None  # split of ``eval_data`` (default: data_split)
+    format: str = "auto"  # auto | text | prompt_completion | messages | alpaca | sharegpt
+    text_column: str | None = None
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    messages_column: str | None = None
+    packing: bool = False  # several examples per max_length row, attention confined to each
+    report_to: str | None = None  # comma-separated: tensorboard, mlflow, wandb
     # runtime
     gradient_checkpointing: bool = False
     quantize: str | None = None  # "nf4": QLoRA, a 4-bit frozen base under full-precision adapters
@@ -118,6 +129,7 @@ class TrainConfig:
             problems.append(f"precision={self.precision!r} (expected auto, bf16 or fp32)")
         if self.resume and self.overwrite:
             problems.append("resume=True with overwrite=True (pick one: continue the run or start over)")
+        problems += _data_problems(self)
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems) + ".")
 
@@ -176,6 +188,20 @@ _NUMERIC = frozenset(
         "dist_timeout",
     }
 )
+
+
+def _data_problems(cfg: TrainConfig) -> list[str]:
+    from lorakit.training.formats import FORMAT_CHOICES
+    from lorakit.training.trackers import parse_report_to
+
+    problems = []
+    if cfg.format not in FORMAT_CHOICES:
+        problems.append(f"format={cfg.format!r} (expected one of {', '.join(FORMAT_CHOICES)})")
+    try:
+        parse_report_to(cfg.report_to)
+    except ConfigError as e:
+        problems.append(str(e).rstrip("."))
+    return problems
 
 
 def _coerce_number(v: Any) -> Any:
