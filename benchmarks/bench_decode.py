@@ -5,7 +5,7 @@ Model: the embedded SmolLM2-135M-Instruct; adapter: the main job's (``--adapter`
 a random r=16 q,k,v,o adapter when it is missing, said in the results), plus three perturbed copies for the
 mixed-adapter run. Every variant runs in each round, in turn (alternating), for ``--rounds`` rounds per thread
 count; the table gives the median and the range. llama.cpp (``llama-cpp-python``, optional) runs the same
-model's Q4_1 GGUF with the adapter converted to a GGUF LoRA (benchmarks/decode_llamacpp.py).
+model's Q4_1 GGUF with the adapter exported as a GGUF LoRA by `lorakit.export` (benchmarks/decode_llamacpp.py).
 
 Run: python benchmarks/bench_decode.py [--threads 1 2] [--tokens 64] [--rounds 3] [--quality-rows 100]
 Writes benchmarks/results/decode.json (machine, date, every sample) and prints a Markdown table.
@@ -146,11 +146,13 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: lis
     engines = {fmt: DecodeEngine(model, weights=fmt, max_batch=1, max_len=longest) for fmt in FORMATS}
     llm = None
     try:
-        from decode_llamacpp import LlamaCpp, write_gguf_lora
+        from decode_llamacpp import LlamaCpp
 
+        from lorakit.export import base_info_for, export_gguf_adapter, read_adapter_files
         from lorakit.models import resolve_model_source
 
-        gguf = write_gguf_lora(folder / "a0", model.config, folder / "a0.gguf")
+        gguf = folder / "a0.gguf"  # what `lorakit export --to gguf` writes
+        export_gguf_adapter(read_adapter_files(folder / "a0"), base_info_for(default_model_name()), gguf)
         llm = LlamaCpp(str(resolve_model_source(default_model_name()).path), str(gguf), threads)
     except ImportError as exc:
         print(f"llama.cpp skipped: {exc}")
