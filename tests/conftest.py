@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# No test may reach the real Hub: huggingface_hub reads HF_ENDPOINT once, at import, so point it at a closed
+# loopback port before anything imports it (a stray download then fails at once). Tests of Hub loading start
+# their own loopback Hub (tests/hub_server.py) and set HF_ENDPOINT themselves; lorakit reads it at call time.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 from tiny_models import tiny_llama as make_tiny_llama
 
 

@@ -45,7 +45,7 @@ def test_seed_config_from_the_issue_works_as_written():
         (dict(lora_dropout=1.0), "lora_dropout=1.0"),
         (dict(lora_dropout=-0.1), "lora_dropout=-0.1"),
         (dict(lora_dropout="0.1"), "lora_dropout='0.1'"),
-        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'"),
+        (dict(init_lora_weights="eva"), "init_lora_weights='eva'"),
         (dict(init_lora_weights="uniform"), "init_lora_weights='uniform'"),
         (dict(target_modules="q_proj("), "target_modules='q_proj('"),
         (dict(exclude_modules="q_proj("), "exclude_modules='q_proj('"),
@@ -149,7 +149,7 @@ def test_from_dict_reads_a_peft_written_config():
 
 @pytest.mark.parametrize(
     "feature",
-    [{"use_dora": True}, {"lora_bias": True}, {"layer_replication": [[0, 1]]}, {"trainable_token_indices": [1, 2]}],
+    [{"use_qalora": True}, {"lora_bias": True}, {"layer_replication": [[0, 1]]}, {"trainable_token_indices": [1, 2]}],
 )
 def test_from_dict_refuses_features_lorakit_cannot_honour(feature):
     data = {**LoraConfig(**SEED_KWARGS).to_dict(), **feature}

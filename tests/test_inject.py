@@ -91,9 +91,16 @@ def test_all_linear_excludes_the_output_head():
     assert len(targets) == 2 * 7  # q k v o gate up down per layer
 
 
-def test_target_none_means_the_attention_projections():
+def test_target_none_means_peft_default_for_the_architecture():
     targets = our_targets(tiny_llama(), target_modules=None)
-    assert targets == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ATTN)
+    assert targets == peft_targets(tiny_llama(), target_modules=None)
+    assert targets == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+
+
+def test_target_none_on_a_model_peft_has_no_default_for_names_the_choices():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(TargetNotFoundError, match=r"has none, as in PEFT.*'all-linear'"):
+        lorakit.find_targets(model, LoraConfig(target_modules=None))
 
 
 def test_exclude_modules_wins_over_target_modules():

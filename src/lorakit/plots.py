@@ -129,7 +129,7 @@ def sweep_png(result, path: str | os.PathLike) -> Path:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for t, marker in zip(TARGET_SETS, "os"):
+    for t, marker in zip(TARGET_SETS, "o^s"):
         rs = [r for r in result.rows if r["targets"] == t and r.get(result.metric) is not None]
         ax.plot([r["trainable_params"] for r in rs], [r[result.metric] for r in rs], marker, label=t, ms=8)
         for r in rs:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lorakit.adapters import active_adapters, list_adapters
 from lorakit.errors import ConfigError, MergeError
 from lorakit.inject import set_submodule
-from lorakit.layers import LoraLayer, LoraQuantLinear, ModulesToSave, iter_lora_layers
+from lorakit.layers import LoraLayer, LoraQuantLinear, ModulesToSave, dora, iter_lora_layers
 from lorakit.merging import disabled, unload
 from lorakit.quant import NF4Linear, compute_dtype_of, dequantized_weight, is_bnb_4bit, is_quantized
 from lorakit.quant.bnb import to_bnb_linear4bit
@@ -96,15 +96,22 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _delta(layer: LoraLayer, names: list[str]) -> Tensor | None:
-    deltas = [layer.delta_weight(n) for n in names if n in layer.r]
-    return sum(deltas[1:], deltas[0]) if deltas else None
+def _with_adapters(layer: LoraLayer, names: list[str], weight: Tensor) -> Tensor:
+    """``weight`` (fp32) with each adapter merged in turn: ``+ s B A``, or DoRA's ``g * (W + s B A)``."""
+    for n in names:
+        if n not in layer.r:
+            continue
+        is_dora = getattr(layer, "is_dora", None)
+        if is_dora is not None and is_dora(n):
+            weight = dora.merged_weight(layer, n, weight)[0]
+        else:
+            weight = weight + layer.delta_weight(n).to(weight.device)
+    return weight
 
 
 def _merged_dense(layer: LoraQuantLinear, names: list[str]) -> Tensor:
     weight = dequantized_weight(layer.base_layer, torch.float32)  # (out, in)
-    delta = _delta(layer, names)
-    merged = weight if delta is None else weight + delta.to(weight.device)
+    merged = _with_adapters(layer, names, weight)
     if not torch.isfinite(merged).all():
         raise MergeError(f"the merged weight has non-finite values ({names} on {layer.base_layer!r}); nothing merged")
     return merged
@@ -191,7 +198,8 @@ def _check_original(model: nn.Module, original: nn.Module, names: list[str]) -> 
 @torch.no_grad()
 def _merge_into_original(model: nn.Module, original: nn.Module, names: list[str]) -> int:
     pairs = _check_original(model, original, names)
-    deltas = [(target.weight, _delta(layer, names)) for layer, target in pairs]
+    deltas = [(target.weight, _with_adapters(layer, names, target.weight.float()) - target.weight.float())
+              for layer, target in pairs]  # fmt: skip
     bad = [i for i, (_, d) in enumerate(deltas) if not torch.isfinite(d).all()]
     if bad:
         raise MergeError(f"adapter {names} has non-finite values on {len(bad)} layer(s); nothing was merged")

@@ -97,9 +97,9 @@ def test_corrupt_json_raises_format_error(tiny_llama, saved_adapter):
 def test_unsupported_peft_feature_is_refused(tiny_llama, saved_adapter):
     cfg_file = saved_adapter / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["use_dora"] = True
+    cfg["lora_bias"] = True
     cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(FormatError, match="use_dora"):
+    with pytest.raises(FormatError, match="lora_bias"):
         lorakit.load_adapter(tiny_llama, saved_adapter)
 
 

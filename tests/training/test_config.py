@@ -17,7 +17,8 @@ def parse(*argv):
 def test_defaults_are_the_documented_ones():
     c = TrainConfig()
     assert (c.model, c.r, c.lora_alpha, c.lora_dropout) == ("smollm2-135m-instruct", 16, None, 0.05)
-    assert c.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj") and c.lr_scheduler == "cosine"
+    assert c.target_modules is None and c.lr_scheduler == "cosine"  # None: PEFT's default for the architecture
+    assert (c.revision, c.dtype) == (None, "fp32")
 
 
 def test_flags_override_the_yaml_file_which_overrides_defaults(tmp_path):

@@ -60,3 +60,11 @@ def test_bad_grids_are_refused():
         grid([8], None, ["mlp-only"])
     with pytest.raises(ConfigError, match="no run reported exact_match"):
         pick([{"name": "x", "trainable_params": 1, "exact_match": None}], "exact_match", 0.01)
+
+
+def test_the_grid_sweeps_lora_variants():
+    specs = grid([8], None, ["attention"], ["lora", "dora", "pissa"])
+    assert [s["name"] for s in specs] == ["r8-a16-attention-lora", "r8-a16-attention-dora", "r8-a16-attention-pissa"]
+    assert [s["name"] for s in grid([8], None, ["attention"])] == ["r8-a16-attention"]  # names unchanged without
+    with pytest.raises(ConfigError, match="variants"):
+        grid([8], None, ["attention"], ["vera"])

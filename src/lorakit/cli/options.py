@@ -1,6 +1,7 @@
 """Argument groups that several subcommands share (each subcommand's own flags live in its `lorakit.commands` module).
 
-Training flags, LoRA flags, ``--target-modules`` parsing, output folders, the 4-bit merge flags, logging set-up.
+Training flags, LoRA flags, ``--target-modules`` parsing, model flags (``--revision``, ``--dtype``, ``--device``),
+output folders, the 4-bit merge flags, logging set-up.
 
 Every `TrainConfig` field has a flag spelled like its key with dashes; flags default to None so that only
 flags actually given override the YAML file (``--config``), which overrides the dataclass defaults.
@@ -26,7 +27,9 @@ _HELP = {
     "data": "training data: JSONL/JSON/CSV/Parquet/Arrow file(s) (comma-separated or a glob), a folder of them, a "
     "save_to_disk folder, or a hub dataset id; rows: text, prompt/completion, messages, Alpaca or ShareGPT",
     "output_dir": "run directory: final adapter (PEFT format), checkpoint-N/ sub-folders, metrics.jsonl, loss.png",
-    "model": "base model: embedded name (default smollm2-135m-instruct), HF directory or .gguf file",
+    "model": "base model: embedded name (default smollm2-135m-instruct), Hub id (Org/Name), HF folder or .gguf file",
+    "revision": "Hub branch, tag or commit sha of a Hub id --model (default: main)",
+    "dtype": "dtype of the frozen base weights (auto: the checkpoint's dtype on CUDA, fp32 on the CPU)",
     "eval_data": "held-out data, any --data source (default: --eval-split of --data is held out)",
     "eval_ratio": "share of --data held out for eval when there is no --eval-data",
     "data_split": "split of a hub dataset or a saved DatasetDict",
@@ -57,8 +60,8 @@ _HELP = {
 }
 # torchrun's own parser reads abbreviations anywhere on its command line: "--r" is ambiguous there.
 _ALIASES = {"r": ["--lora-r"], "eval_ratio": ["--eval-split"]}
-_CHOICES = {"precision": ["auto", "bf16", "fp32"], "lr_scheduler": ["cosine", "linear", "constant"],
-            "format": list(FORMAT_CHOICES)}  # fmt: skip
+_CHOICES = {"dtype": ["auto", "bf16", "fp16", "fp32"], "precision": ["auto", "bf16", "fp32"],
+            "lr_scheduler": ["cosine", "linear", "constant"], "format": list(FORMAT_CHOICES)}  # fmt: skip
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
 
@@ -72,7 +75,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         default = f.default
         kwargs: dict[str, Any] = {"default": None, "help": _HELP.get(f.name, f"(default: {default})")}
-        if isinstance(default, bool):
+        if f.name == "init_lora_weights":  # True/False or a name (pissa, olora, ...): not an on/off flag
+            kwargs["type"] = init_value
+            kwargs["help"] = "true | false | gaussian | pissa | pissa_niter_K | olora | loftq (default: true)"
+        elif isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "target_modules":
             kwargs["nargs"] = "+"
@@ -86,6 +92,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["help"] += f" (default: {default})"
         names = [_flag(f.name)] + _ALIASES.get(f.name, [])
         parser.add_argument(*names, dest=f.name, **kwargs)
+
+
+def init_value(text: str) -> bool | str:
+    """``--init-lora-weights`` value: "true"/"false" become booleans, other names stay strings."""
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def parse_target_modules(values: list[str] | None) -> Any:
@@ -195,3 +206,28 @@ def check_quant_args(args: argparse.Namespace) -> str | None:
             else f"--merge-into is only used with --mode original (got --mode {mode})"
         )
     return mode
+
+
+MODEL_HELP = "base model: embedded name (e.g. smollm2-135m-instruct), Hub id (Org/Name), HF folder or .gguf file"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--revision``, ``--dtype`` and ``--device``: how the model named by ``--model`` (or MODEL) is loaded."""
+    group = parser.add_argument_group("model loading")
+    group.add_argument("--revision", default=None, help="Hub branch, tag or commit sha of a Hub id (default: main)")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="parameter dtype (auto: the checkpoint's dtype on CUDA, fp32 on the CPU)",
+    )
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available; with accelerate, device_map=auto over all GPUs), cpu, cuda or cuda:N",
+    )
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `lorakit.load_model` keyword arguments the model flags give."""
+    return {"revision": args.revision, "dtype": args.dtype, "device": args.device}

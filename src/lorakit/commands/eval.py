@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorakit.cli.options import setup_logging
+from lorakit.cli.options import add_model_args, model_kwargs, setup_logging
 
 HELP = "greedy-generation exact match of the base model and an adapter, side by side"
 
@@ -13,7 +13,10 @@ HELP = "greedy-generation exact match of the base model and an adapter, side by 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Flags of ``lorakit eval``."""
     parser.add_argument("--model", default=None, help="base model (default: smollm2-135m-instruct)")
-    parser.add_argument("--adapter", default=None, help="adapter folder (PEFT format); omitted: base model only")
+    parser.add_argument(
+        "--adapter", default=None, help="adapter folder (PEFT format) or Hub id (org/adapter); omitted: base model only"
+    )
+    add_model_args(parser)
     parser.add_argument("--data", required=True, help="eval rows, any source train takes: prompt/completion or chat")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16 tokens")
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         skip_bad_lines=args.skip_bad_lines,
         weights=args.weights,
+        model_options=model_kwargs(args),
     )
     if args.json:
         print(json.dumps(results, indent=2))

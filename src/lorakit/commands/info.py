@@ -8,7 +8,7 @@ from collections import Counter
 
 from torch import nn
 
-from lorakit.cli.options import add_lora_args, lora_config_from_args
+from lorakit.cli.options import MODEL_HELP, add_lora_args, add_model_args, lora_config_from_args, model_kwargs
 from lorakit.inject import candidate_modules, find_targets
 from lorakit.layers import supports_lora
 
@@ -16,7 +16,8 @@ HELP = "show a model's modules, what a LoRA config would target, and parameter c
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="embedded model name (e.g. smollm2-135m-instruct), HF model folder or .gguf file")
+    parser.add_argument("model", help=MODEL_HELP)
+    add_model_args(parser)
     add_lora_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.models import load_model
 
     config = lora_config_from_args(args)  # bad flags fail before the model loads
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, **model_kwargs(args))
     report = describe(model, config)
     if args.json:
         print(json.dumps(report, indent=2))

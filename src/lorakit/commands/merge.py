@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.cli.options import add_quant_args, check_quant_args
+from lorakit.cli.options import MODEL_HELP, add_model_args, add_quant_args, check_quant_args, model_kwargs
 from lorakit.errors import FormatError
 from lorakit.io.atomic import replace_dir
 
@@ -21,8 +21,9 @@ HELP = "merge an adapter into its base and write a plain Hugging Face model fold
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model: embedded name, HF folder or .gguf file")
-    parser.add_argument("--adapter", required=True, help="PEFT-format adapter folder")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--adapter", required=True, help="PEFT-format adapter folder, or a Hub id (org/adapter)")
+    add_model_args(parser)
     parser.add_argument("--out", required=True, help="output folder for the merged model (config + safetensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     add_quant_args(parser)
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FormatError(f"--out {str(out)!r} already exists and is not empty; pass --overwrite or pick a new folder")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, **model_kwargs(args))
     probe = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     probe = probe.clamp(max=model.get_input_embeddings().num_embeddings - 1)  # a tokenizer larger than the model
     if mode is not None:

@@ -9,7 +9,15 @@ HELP = "serve a base model and its adapters over an OpenAI-compatible API"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="base model: embedded name (default), HF folder or .gguf file")
+    parser.add_argument(
+        "--model", default=None, help="base model: embedded name (default), Hub id (Org/Name), HF folder or .gguf file"
+    )
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit sha of a Hub id --model")
+    parser.add_argument(
+        "--allow-hub-adapters",
+        action="store_true",
+        help="POST /v1/adapters may name a Hub id (org/adapter) as its path; it is downloaded into the HF cache",
+    )
     parser.add_argument("--adapters", default=None, help="folder whose sub-folders are PEFT adapters (served by name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -17,7 +25,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, help="most requests decoding together (default 8)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="most tokens one request may ask for")
     parser.add_argument("--merge", default=None, metavar="NAME", help="serve only adapter NAME merged into the base")
-    parser.add_argument("--dtype", default="float32", help="model dtype (float32, bf16, fp16)")
+    parser.add_argument("--dtype", default="float32", help="model dtype: float32, bf16, fp16 or auto")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: CPU)")
     parser.add_argument(
         "--weights",
         default="fp32",
@@ -30,7 +39,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="fast decode engine where the model supports it (default on; --no-fast: transformers)",
     )
-    parser.add_argument("--device", default=None, help="torch device (default: CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--runs", default=None, metavar="DIR", help="folder of training runs shown on the web page")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
@@ -51,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if args.runs is not None and not Path(args.runs).is_dir():
         raise ConfigError(f"--runs {args.runs!r} is not a folder; give the folder your training runs are written to")
     name = args.model or default_model_name()
-    source = resolve_model_source(name)
+    source = resolve_model_source(name, args.revision)
     base_name = source.name if source.kind == "embedded" else Path(source.name).name
-    model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(name, revision=args.revision, dtype=args.dtype, device=args.device)
     state = build_state(
         model,
         tokenizer,
@@ -65,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         merge=args.merge,
         weights=args.weights,
         fast=args.fast,
+        allow_hub_adapters=args.allow_hub_adapters,
     )
     state.runs_dir = Path(args.runs) if args.runs is not None else None
     served = state.model_names()

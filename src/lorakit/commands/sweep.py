@@ -17,15 +17,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     grid.add_argument(
         "--target-sets",
         nargs="+",
-        default=["attention", "all-linear"],
-        choices=["attention", "all-linear"],
-        help="target sets (default: both)",
+        default=["default", "all-linear"],
+        choices=["default", "attention", "all-linear"],
+        help="default: PEFT's targets for the architecture (as lorakit train/info); attention: q,k,v,o; "
+        "all-linear (default: default and all-linear)",
     )
     grid.add_argument(
         "--metric",
         choices=["exact_match", "normalized_match", "eval_loss"],
         default=None,
         help="what 'best' means (default: exact_match with generation eval, else eval_loss)",
+    )
+    grid.add_argument(
+        "--variants",
+        nargs="+",
+        default=["lora"],
+        choices=["lora", "rslora", "dora", "pissa", "olora", "lora+"],
+        help="LoRA variants to compare on every config (default: lora)",
     )
     grid.add_argument("--tolerance", type=float, default=0.01, help="'within one point' of the best (default 0.01)")
 
@@ -36,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     base = config_from_args(args)
     base.require_paths()
-    result = run_sweep(base, base.output_dir, args.ranks, args.alphas, args.target_sets, args.metric, args.tolerance)
+    result = run_sweep(
+        base, base.output_dir, args.ranks, args.alphas, args.target_sets, args.metric, args.tolerance, args.variants
+    )
     print((result.output_dir / "sweep.md").read_text())
     print(f"best: {result.best}; cheapest within {args.tolerance:g} of it: {result.cheapest}")
     print("wrote " + ", ".join(str(f) for f in result.files))

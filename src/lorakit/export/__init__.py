@@ -61,9 +61,13 @@ def resolve_base(files: AdapterFiles, model: str | os.PathLike[str] | None = Non
 
 def base_info_for(name_or_path: str | os.PathLike[str]) -> BaseInfo:
     """`BaseInfo` of a model name or path; a lorakit cache folder stands for the GGUF file it was made from."""
-    from lorakit.models import resolve_model_source
+    from lorakit.hub import fetch_model
+    from lorakit.models import embedded_name, resolve_model_source
 
     source = resolve_model_source(name_or_path)
+    if source.kind == "hub":  # lorakit's embedded model stands for its Hub id; other ids come from the HF cache
+        embedded = embedded_name(source.name)
+        source = resolve_model_source(embedded if embedded else fetch_model(source.name, source.revision))
     if source.kind == "hf_dir":
         marker = source.path / "lorakit_cache.json"
         if marker.is_file():

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +95,25 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], 
     atomic_write_bytes(path, save_safetensors_bytes(plain, metadata=metadata or {"format": "pt"}))
 
 
-def write_adapter_dir(path: str | os.PathLike, config: dict[str, Any], tensors: Mapping[str, Tensor]) -> None:
-    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``path``, each atomically.
+def write_adapter_dir(
+    path: str | os.PathLike,
+    config: dict[str, Any],
+    tensors: Mapping[str, Tensor],
+    readme: Callable[[int], str] | None = None,
+) -> None:
+    """Write ``adapter_model.safetensors``, the model card ``README.md``, then ``adapter_config.json``, each atomically.
 
-    Other files in ``path`` (checkpoints, a README) are left alone.
+    ``readme`` gets the weights file's size and returns the card; a README.md that lorakit did not write is
+    kept. Other files in ``path`` (checkpoints, metrics) are left alone.
     """
+    from lorakit.model_card import is_lorakit_card
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FormatError(f"cannot save an adapter to {str(path)!r}: it is a file, expected a directory")
     atomic_save_tensors(path / WEIGHTS_NAME, tensors)
+    if readme is not None and is_lorakit_card(path / "README.md"):
+        atomic_write_bytes(path / "README.md", readme((path / WEIGHTS_NAME).stat().st_size).encode())
     atomic_write_json(path / CONFIG_NAME, config)
 
 

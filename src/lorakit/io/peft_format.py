@@ -2,7 +2,8 @@
 
 In memory lorakit uses PEFT's own module layout, so converting is a rename: add the ``base_model.model.``
 prefix and drop the adapter name after the factor containers (``q_proj.lora_A.default.weight`` ->
-``base_model.model.<path>.q_proj.lora_A.weight``; ``head.modules_to_save.default.weight`` -> ``head.weight``).
+``base_model.model.<path>.q_proj.lora_A.weight``; ``head.modules_to_save.default.weight`` -> ``head.weight``;
+DoRA's ``q_proj.lora_magnitude_vector.default`` -> ``...q_proj.lora_magnitude_vector``, PEFT's file key).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-FACTOR_CONTAINERS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
+FACTOR_CONTAINERS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 
 
 def to_peft_key(key: str, name: str) -> str:

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.config import lora_scaling
-from lorakit.errors import AdapterNotFoundError, MergeError
+from lorakit.errors import AdapterNotFoundError, ConfigError, MergeError
 from lorakit.layers.routed import routed_delta
-from lorakit.routing import current_route
+from lorakit.routing import Route, current_route
 
 
 class LoraLayer(nn.Module):
@@ -77,7 +77,14 @@ class LoraLayer(nn.Module):
 
     # ---- adapters -----------------------------------------------------------------------------------------
     def update_layer(
-        self, name: str, r: int, lora_alpha: float, lora_dropout: float, init: bool | str, use_rslora: bool
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init: bool | str,
+        use_rslora: bool,
+        use_dora: bool = False,
     ) -> None:
         """Add adapter ``name`` of rank ``r`` to this layer (inactive until `set_active`)."""
         self.r[name] = r
@@ -87,10 +94,20 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create_factors(name, r, *self.adapter_dtype_device())
         self._init_factors(name, init)
+        if use_dora:
+            self._init_dora(name)
         for attr in (*self.adapter_attrs, "lora_dropout"):
+            if name not in getattr(self, attr):
+                continue
             entry = getattr(self, attr)[name]
             if isinstance(entry, nn.Module):
                 entry.train(self.training)  # adding to a model in eval mode must not switch dropout on
+
+    def _init_dora(self, name: str) -> None:
+        raise ConfigError(
+            f"use_dora=True is implemented for linear layers; {type(self.base_layer).__name__} has no DoRA in "
+            "lorakit: leave it out of target_modules (or use exclude_modules)"
+        )
 
     def adapter_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """Dtype and device of new adapter factors: the base weight's, fp32 for low-precision bases.
@@ -107,7 +124,8 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise MergeError(f"adapter {name!r} is merged into {self.base_layer!r}; unmerge before deleting it")
         for attr in (*self.adapter_attrs, "lora_dropout"):
-            del getattr(self, attr)[name]
+            if name in getattr(self, attr):
+                del getattr(self, attr)[name]
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(name)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -122,6 +140,8 @@ class LoraLayer(nn.Module):
         self._require(name)
         out: dict[str, Tensor] = {}
         for attr in self.adapter_attrs:
+            if name not in getattr(self, attr):  # e.g. a DoRA magnitude for a plain LoRA adapter
+                continue
             entry = getattr(self, attr)[name]
             if isinstance(entry, nn.Parameter):
                 out[f"{attr}.{name}"] = entry
@@ -144,8 +164,7 @@ class LoraLayer(nn.Module):
             return result
         route = current_route()
         if route is not None:  # per-row adapters (lorakit.route, see layers/routed.py); the active set does not apply
-            delta = routed_delta(self, x, route)
-            return result if delta is None else result + delta.to(result.dtype)
+            return self.routed_forward(result, x, route)
         for name in self.active_adapters:
             if name in self.merged_adapters:  # already inside base_layer.weight
                 continue
@@ -155,6 +174,11 @@ class LoraLayer(nn.Module):
     def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """``result`` plus adapter ``name``'s update of ``x`` (layer types may do it in fewer kernels)."""
         return result + self.lora_forward(x, name).to(result.dtype)
+
+    def routed_forward(self, result: Tensor, x: Tensor, route: Route) -> Tensor:
+        """The base output ``result`` plus each row's own adapter update (DoRA layers also rescale rows)."""
+        delta = routed_delta(self, x, route)
+        return result if delta is None else result + delta.to(result.dtype)
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """``(A (r, in), B (out, r))`` of adapter ``name``, for layers whose update is ``x -> B A x`` (routing)."""
@@ -172,12 +196,11 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             return
         weight = self.base_layer.weight
-        delta = self.delta_weight(name)
-        if not torch.isfinite(delta).all():
-            raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
-        if not self.merged_adapters:
-            self.weight_before_merge = weight.detach().clone()
-        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        first = not self.merged_adapters
+        before = weight.detach().clone() if first else None
+        self._merge_into(weight, name)
+        if first:
+            self.weight_before_merge = before
         self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -199,10 +222,17 @@ class LoraLayer(nn.Module):
         remaining = [n for n in self.merged_adapters if n not in names]
         weight.copy_(self.weight_before_merge)
         for n in remaining:
-            weight.add_(self.delta_weight(n).to(device=weight.device, dtype=weight.dtype))
+            self._merge_into(weight, n)
         self.merged_adapters = remaining
         if not remaining:
             self.weight_before_merge = None
+
+    def _merge_into(self, weight: Tensor, name: str) -> None:
+        """``weight += scaling * B A`` in place (DoRA adapters override: their merge rescales rows)."""
+        delta = self.delta_weight(name)
+        if not torch.isfinite(delta).all():
+            raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
+        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

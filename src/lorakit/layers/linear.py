@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.errors import MergeError
+from lorakit.layers import dora
 from lorakit.layers.base import LoraLayer, kaiming_a
 from lorakit.layers.lora_function import lora_linear_delta
-from lorakit.layers.routed import routed_dropout, row_factors
+from lorakit.layers.routed import route_plan, routed_delta, routed_dropout, row_factors
+from lorakit.ops.inits import is_data_init
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -32,6 +35,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 class LoraLinear(LoraLayer):
     """``y = base(x) + scaling * B(A(dropout(x)))`` with ``A: (r, in)``, ``B: (out, r)``.
 
+    A DoRA adapter (``use_dora``) also has a magnitude ``m: (out,)`` in ``lora_magnitude_vector`` and computes
+    ``y = m / ||W + s B A||_row * (W x + s B A x) + bias`` (see `lorakit.layers.dora`).
+
     Args:
         base_layer: The frozen ``nn.Linear`` or ``Conv1D``; kept as ``self.base_layer``, never copied.
         fan_in_fan_out: True when the base weight is stored (in, out); only the merge layout changes.
@@ -43,6 +49,10 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = linear_shape(base_layer)
         self.lora_A = nn.ModuleDict()  # adapter -> nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.ModuleDict()  # adapter -> nn.Linear(r, out_features, bias=False)
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only -> (out_features,)
+        self.initial_factors: dict[str, tuple[Tensor, Tensor]] = {}  # PiSSA/OLoRA (A0, B0), to save as plain LoRA
+
+    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
@@ -52,11 +62,46 @@ class LoraLinear(LoraLayer):
     def _init_factors(self, name: str, init: bool | str) -> None:
         if init is False:  # both factors random (nn.Linear's init): not a no-op, for tests
             return
+        if is_data_init(init):  # PiSSA / OLoRA: factors from the base weight, which keeps the residual
+            from lorakit.layers.data_init import init_from_base
+
+            init_from_base(self, name, init)
+            return
         if init == "gaussian":
             nn.init.normal_(self.lora_A[name].weight, std=1.0 / self.r[name])
         else:
             kaiming_a(self.lora_A[name].weight)
         nn.init.zeros_(self.lora_B[name].weight)  # B = 0: a fresh adapter is a no-op
+
+    # ---- DoRA (lorakit.layers.dora holds the arithmetic) ----------------------------------------------------
+    def _init_dora(self, name: str) -> None:
+        dora.init_magnitude(self, name)
+
+    def is_dora(self, name: str) -> bool:
+        """True when adapter ``name`` is a DoRA adapter on this layer."""
+        return name in self.lora_magnitude_vector
+
+    def _merge_into(self, weight: Tensor, name: str) -> None:
+        if not self.is_dora(name):
+            return super()._merge_into(weight, name)
+        new, _ = dora.merged_weight(self, name, weight)
+        if not torch.isfinite(new).all():
+            raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
+        weight.copy_(new.to(weight.dtype))
+
+    def delete(self, name: str) -> None:
+        super().delete(name)
+        self.initial_factors.pop(name, None)
+        self.__dict__.get("_dora_cache", {}).pop(name, None)
+
+    def routed_forward(self, result: Tensor, x: Tensor, route) -> Tensor:
+        """Per-row adapters where some rows are DoRA: ``g_row * (result - bias + delta) + bias`` (g = 1 for LoRA)."""
+        delta = routed_delta(self, x, route)  # checks the batch and builds the plan
+        if delta is None:
+            return result
+        g = dora.routed_scale(self, *route_plan(self, route, x.device))  # (batch, out) or None
+        delta = delta.to(result.dtype)
+        return result + delta if g is None else dora.combine(result, delta, g, self.bias)
 
     def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """``result + scaling * B(A(dropout(x)))``; see `lora_forward` for the training path.
@@ -65,6 +110,8 @@ class LoraLinear(LoraLayer):
         without autograd or autocast, with dropout inactive and one dtype throughout; the update then lands in
         the base layer's fresh output instead of costing a scale and an addition kernel more.
         """
+        if self.is_dora(name):
+            return dora.add(self, result, x, name)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         dropout = self.lora_dropout[name]
         if (

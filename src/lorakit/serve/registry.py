@@ -42,6 +42,7 @@ class AdapterRegistry:
             when every resident adapter is pinned the cap is exceeded until requests finish, rather than stall.
         run_on_model: Runs a model-changing callable at a safe point and returns a Future (default: right here).
         reserved: Names adapters may not take (the base model's name).
+        allow_hub: `add` accepts a Hub id (``org/adapter``) as the path and fetches it into the HF cache.
     """
 
     def __init__(
@@ -52,12 +53,14 @@ class AdapterRegistry:
         max_adapters: int | None = None,
         run_on_model: Callable[[Callable[[], object]], Future] = _run_here,
         reserved: tuple[str, ...] = (),
+        allow_hub: bool = False,
     ) -> None:
         if max_adapters is not None and max_adapters < 1:
             raise ConfigError(f"max_adapters must be at least 1 (or None for no cap), got {max_adapters}")
         self.model, self.max_adapters, self.run_on_model = model, max_adapters, run_on_model
         self.directory = Path(directory) if directory is not None else None
         self.reserved = set(reserved)
+        self.allow_hub = allow_hub
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
         self._runtime: set[str] = set()  # added through `add`: kept across rescans
@@ -194,7 +197,7 @@ class AdapterRegistry:
             if self.directory is None or not (self.directory / name / CONFIG_NAME).is_file():
                 raise ConfigError(f"no 'path' given and no folder {name!r} with {CONFIG_NAME} in {self.directory}")
             path = self.directory / name
-        path = Path(path).expanduser().resolve()
+        path = _local_or_hub(path, self.allow_hub)
         with self._lock:
             if name in self._lru and self._paths.get(name) not in (None, path):
                 raise ConfigError(f"adapter {name!r} is already loaded from {self._paths[name]}; DELETE it first")
@@ -231,6 +234,22 @@ class AdapterRegistry:
             self._removed.add(name)
         if resident:
             self.run_on_model(lambda: lorakit.delete_adapter(self.model, name)).result()
+
+
+def _local_or_hub(path: str | os.PathLike, allow_hub: bool) -> Path:
+    """A local adapter folder, or (with ``allow_hub``) a Hub id's snapshot folder in the HF cache."""
+    from lorakit.hub import is_hub_id
+    from lorakit.io.saving import adapter_location
+
+    local = Path(path).expanduser()
+    if local.exists() or not is_hub_id(str(path)):
+        return local.resolve()
+    if not allow_hub:
+        raise ConfigError(
+            f"{str(path)!r} is not a folder here; to load adapters by Hub id, start the server with "
+            f"--allow-hub-adapters (it then downloads them into the Hugging Face cache)"
+        )
+    return adapter_location(str(path)).resolve()
 
 
 def _signature(path: Path) -> tuple:

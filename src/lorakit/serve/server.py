@@ -33,6 +33,7 @@ def build_state(
     merge: str | None = None,
     weights: str = "fp32",
     fast: bool = True,
+    allow_hub_adapters: bool = False,
 ) -> ServeState:
     """Everything a server needs around a loaded ``(model, tokenizer)``.
 
@@ -48,6 +49,7 @@ def build_state(
         weights: Base weight format of the fast decode engine (`lorakit.inference.weights.WEIGHT_FORMATS`).
         fast: Run forward passes on the fast decode engine where the model supports it (the default; greedy
             outputs equal the transformers path in fp32); False: the transformers forward.
+        allow_hub_adapters: ``POST /v1/adapters`` may name a Hub id as the path (downloaded into the HF cache).
 
     Raises:
         ConfigError: bad sizes; AdapterNotFoundError / FormatError / IncompatibleAdapterError for ``merge``.
@@ -69,7 +71,12 @@ def build_state(
         return ServeState(model, tokenizer, base_name, batcher, metrics, limits, None, merged=name)
     batcher = _batcher(model, tokenizer, fast, weights, context, max_batch_size=max_batch_size, metrics=metrics)
     registry = AdapterRegistry(
-        model, adapters_dir, max_adapters=max_adapters, run_on_model=batcher.call, reserved=(base_name,)
+        model,
+        adapters_dir,
+        max_adapters=max_adapters,
+        run_on_model=batcher.call,
+        reserved=(base_name,),
+        allow_hub=allow_hub_adapters,
     )
     return ServeState(model, tokenizer, base_name, batcher, metrics, limits, registry)
 

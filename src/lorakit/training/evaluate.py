@@ -239,6 +239,7 @@ def run_eval(
     precision: str = "auto",
     limit: int | None = None,
     skip_bad_lines: bool = False,
+    model_options: dict[str, Any] | None = None,
     max_length: int = 1024,
     weights: str = "fp32",
 ) -> dict[str, Any]:
@@ -265,7 +266,7 @@ def run_eval(
             f"(first: {no_completion[0]}, a 'text' row); use prompt/completion or messages rows."
         )
     rows = rows[:limit] if limit else rows
-    m, tok = load_model(model or default_model_name())
+    m, tok = load_model(model or default_model_name(), **(model_options or {}))
     autocast = make_autocast(precision, next(m.parameters()).device)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     examples, _ = tokenize_rows(rows, tok, max_length, True, chat_template)

@@ -25,7 +25,9 @@ from lorakit.config import default_alpha
 from lorakit.errors import ConfigError
 from lorakit.training.train_config import TrainConfig, build_config
 
-TARGET_SETS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
+# "default": target_modules=None, PEFT's default for the architecture (lorakit.default_targets, the one source);
+# "attention": all four attention projections of Llama-style models, named explicitly.
+TARGET_SETS = {"default": None, "attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
 HIGHER_IS_BETTER = {"exact_match": True, "normalized_match": True, "eval_loss": False}
 
 
@@ -41,17 +43,32 @@ class SweepResult:
     files: list[Path] = field(default_factory=list)
 
 
-def grid(ranks: list[int], alphas: list[float] | None, targets: list[str]) -> list[dict[str, Any]]:
-    """The configs of the sweep: every (r, alpha, targets); ``alphas=None`` means alpha = 2r."""
-    unknown = [t for t in targets if t not in TARGET_SETS]
-    if unknown or not ranks or not targets:
+# LoRA variants a sweep can compare (``--variants``): name -> TrainConfig fields.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "pissa": {"init_lora_weights": "pissa"},
+    "olora": {"init_lora_weights": "olora"},
+    "lora+": {"loraplus_lr_ratio": 16.0},
+}
+
+
+def grid(
+    ranks: list[int], alphas: list[float] | None, targets: list[str], variants: list[str] = ("lora",)
+) -> list[dict[str, Any]]:
+    """The configs of the sweep: every (r, alpha, targets, variant); ``alphas=None`` means alpha = 2r."""
+    unknown = [t for t in targets if t not in TARGET_SETS] + [v for v in variants if v not in VARIANTS]
+    if unknown or not ranks or not targets or not variants:
         raise ConfigError(
-            f"sweep needs ranks and target sets from {sorted(TARGET_SETS)}; got r={ranks}, targets={targets}"
+            f"sweep needs ranks, target sets from {sorted(TARGET_SETS)} and variants from {sorted(VARIANTS)}; "
+            f"got r={ranks}, targets={targets}, variants={list(variants)}"
         )
     out = []
-    for r, alpha, t in itertools.product(ranks, alphas or [None], targets):
+    for r, alpha, t, v in itertools.product(ranks, alphas or [None], targets, variants):
         alpha = default_alpha(r) if alpha is None else alpha
-        out.append({"name": f"r{r}-a{alpha:g}-{t}", "r": r, "lora_alpha": alpha, "targets": t})
+        name = f"r{r}-a{alpha:g}-{t}" + ("" if list(variants) == ["lora"] else f"-{v}")
+        out.append({"name": name, "r": r, "lora_alpha": alpha, "targets": t, "variant": v})
     return out
 
 
@@ -60,9 +77,10 @@ def run_sweep(
     output_dir: str | Path,
     ranks: list[int] = (8, 16, 32),
     alphas: list[float] | None = None,
-    targets: list[str] = ("attention", "all-linear"),
+    targets: list[str] = ("default", "all-linear"),
     metric: str | None = None,
     tolerance: float = 0.01,
+    variants: list[str] = ("lora",),
 ) -> SweepResult:
     """Train every config of the grid on ``base``'s data and compare them.
 
@@ -72,6 +90,7 @@ def run_sweep(
         ranks: Values of r.
         alphas: Values of lora_alpha (None: 2r for each r).
         targets: Names from ``TARGET_SETS``.
+        variants: Names from ``VARIANTS`` (LoRA, rsLoRA, DoRA, PiSSA, OLoRA, LoRA+), each run on every config.
         metric: "exact_match" (default when generation eval is on), "normalized_match" or "eval_loss".
         tolerance: "Within one point": 0.01 for match rates, relative 1% for eval loss.
     """
@@ -86,9 +105,10 @@ def run_sweep(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for spec in grid(list(ranks), list(alphas) if alphas else None, list(targets)):
+    for spec in grid(list(ranks), list(alphas) if alphas else None, list(targets), list(variants)):
         run = {
             **cfg.to_dict(),
+            **VARIANTS[spec["variant"]],
             "r": spec["r"],
             "lora_alpha": spec["lora_alpha"],
             "target_modules": TARGET_SETS[spec["targets"]],

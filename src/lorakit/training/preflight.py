@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections import Counter
 
@@ -57,7 +58,8 @@ def check_round_trip(model: torch.nn.Module, name: str) -> None:
         back = adapter_state_dict(model, scratch)
         bad = []
         for key, t in ours.items():
-            other = back.get(key.replace(f".{name}.", f".{scratch}."))
+            # the adapter name sits mid-key (lora_A.<name>.weight) or last (DoRA's lora_magnitude_vector.<name>)
+            other = back.get(re.sub(rf"\.{re.escape(name)}(\.|$)", rf".{scratch}\1", key, count=1))
             if other is None or other.shape != t.shape or not torch.equal(other.to(t.dtype), t):
                 bad.append(key)
     finally:

@@ -62,10 +62,10 @@ class TrainResult:
         return format_table({"before": self.before, "after": self.after})
 
 
-def _load_model(name: str):
+def _load_model(name: str, revision: str | None = None, dtype: str = "fp32"):
     from lorakit.models import load_model
 
-    return load_model(name)
+    return load_model(name, revision=revision, dtype=dtype)
 
 
 def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
@@ -78,9 +78,21 @@ def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
         lora_alpha=alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init_lora_weights=cfg.init_lora_weights,
         task_type="CAUSAL_LM",
-        base_model_name_or_path=cfg.model,
+        base_model_name_or_path=_base_name(cfg, model),
+        revision=cfg.revision,
     )
+
+
+def _base_name(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
+    """The Hub id when one is known (what PEFT, vLLM and llama.cpp look the base up by), else the name given."""
+    from lorakit.models import base_model_id
+
+    loaded = getattr(model, "name_or_path", None)
+    return loaded if isinstance(loaded, str) and loaded else base_model_id(cfg.model)
 
 
 def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -135,10 +147,10 @@ def _load_base(cfg: TrainConfig, d: dist.Dist):
     """Load the base model; with several processes per machine, local rank 0 first (it fills the model cache)."""
     from lorakit.models import resolve_model_source
 
-    resolve_model_source(cfg.model)  # a bad name fails on every process alike, before anyone waits
+    resolve_model_source(cfg.model, cfg.revision)  # a bad name fails on every process alike, before anyone waits
     if d.enabled and d.local_rank != 0:
         dist.barrier(d, "waiting for local rank 0 to load the model")
-    model, tokenizer = _load_model(cfg.model)
+    model, tokenizer = _load_model(cfg.model, cfg.revision, cfg.dtype)
     if d.enabled and d.local_rank == 0:
         dist.barrier(d, "waiting for the other processes to load the model")
     # Under FSDP the model stays on the CPU: fully_shard moves each layer to the device as it shards it, so the
@@ -373,8 +385,10 @@ def _finish(result: TrainResult, model, evals: _Evals, d: dist.Dist) -> TrainRes
     """Write the final adapter (rank 0), evaluate it, and write ``eval_results.json``."""
     out = result.output_dir
     final = dist.full_state(adapter_state_dict(model, ADAPTER))
-    if d.is_main:
-        save_adapter(model, out, ADAPTER, state_dict=final)
+    if d.is_main:  # PiSSA / OLoRA: written relative to the original base, which is what users load it on
+        init = str(evals.cfg.init_lora_weights)
+        convert = init == "olora" or init.startswith("pissa")
+        save_adapter(model, out, ADAPTER, state_dict=final, convert_to_lora=convert)
     dist.barrier(d, "waiting for rank 0 to write the adapter")
     result.adapter_bytes = sum(f.stat().st_size for f in out.glob("adapter_*") if f.is_file())
     logger.info("evaluating the adapter ...")
@@ -392,7 +406,21 @@ def _finish(result: TrainResult, model, evals: _Evals, d: dist.Dist) -> TrainRes
     }
     if d.is_main:
         atomic_write_text(out / "eval_results.json", json.dumps(summary, indent=2) + "\n")
+        _write_card(out, evals.cfg, result)
     return result
+
+
+def _write_card(out: Path, cfg: TrainConfig, result: TrainResult) -> None:
+    """The adapter's model card, now with the training settings and the eval table (base vs adapter)."""
+    from lorakit.model_card import CardInfo, update_card
+
+    training = {"data": cfg.data, "eval data": cfg.eval_data or f"{cfg.eval_ratio:.0%} held out",
+                "steps": f"{result.steps} (batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation)",
+                "learning_rate": f"{cfg.learning_rate:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g})",
+                "max_length": cfg.max_length, "loss on": "completions only" if cfg.mask_prompt else "all tokens",
+                "seed": cfg.seed, "train time": f"{result.train_seconds:.0f} s",
+                "final loss": result.final_loss}  # fmt: skip
+    update_card(out, CardInfo(training=training, eval_table=result.table(), title=out.name), result.trainable_params)
 
 
 def _set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor], d: dist.Dist) -> None:

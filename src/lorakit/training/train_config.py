@@ -17,7 +17,6 @@ from typing import Any
 from lorakit.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,19 @@ class TrainConfig:
 
     data: str | None = None
     output_dir: str | None = None
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # embedded name, Hub id (Org/Name), HF folder or .gguf file
+    revision: str | None = None  # Hub branch, tag or commit of a Hub id model
+    dtype: str = "fp32"  # base weights: fp32 | bf16 | fp16 | auto (the checkpoint's dtype on CUDA, fp32 on CPU)
     eval_data: str | None = None
     eval_ratio: float = 0.1  # held out from ``data`` when no ``eval_data`` is given
     # LoRA
     r: int = 16
     lora_alpha: float | None = None  # None: 2 * r (32 at the default r=16)
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | str | None = None  # None: PEFT's default for the architecture
+    use_rslora: bool = False  # scaling alpha / sqrt(r)
+    use_dora: bool = False  # DoRA: learned magnitude x normalised W + sBA
+    init_lora_weights: bool | str = True  # or gaussian | pissa | pissa_niter_K | olora | loftq (see LoraConfig)
     # optimization
     learning_rate: float = 2e-3
     loraplus_lr_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A
@@ -125,8 +129,16 @@ class TrainConfig:
             problems.append(f"lr_scheduler={self.lr_scheduler!r} (expected cosine, linear or constant)")
         if self.quantize not in (None, "nf4"):
             problems.append(f"quantize={self.quantize!r} (expected nf4, or unset for a full-precision base)")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"dtype={self.dtype!r} (expected auto, bf16, fp16 or fp32)")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision={self.precision!r} (expected auto, bf16 or fp32)")
+        try:  # the LoRA fields are LoraConfig's: its checks, its messages
+            from lorakit.config import LoraConfig
+
+            LoraConfig(use_rslora=self.use_rslora, use_dora=self.use_dora, init_lora_weights=self.init_lora_weights)
+        except ConfigError as e:
+            problems.append(str(e).removeprefix("Invalid LoraConfig: ").rstrip("."))
         if self.resume and self.overwrite:
             problems.append("resume=True with overwrite=True (pick one: continue the run or start over)")
         problems += _data_problems(self)
