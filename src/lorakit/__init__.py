@@ -57,6 +57,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "find_targets",
+    "generate",
     "get_config",
     "inspect_adapter",
     "list_adapters",
@@ -84,6 +85,13 @@ def load_model(name_or_path: str, **kwargs):
     from lorakit.models import load_model as _load
 
     return _load(name_or_path, **kwargs)
+
+
+def generate(model, tokenizer, prompts, adapters=None, **kwargs) -> list[str]:
+    """Completions of ``prompts``, each with its own adapter, on the fast decode engine (see `lorakit.inference`)."""
+    from lorakit.inference import generate as _generate
+
+    return _generate(model, tokenizer, prompts, adapters, **kwargs)
 
 
 def train(config=None, **overrides):

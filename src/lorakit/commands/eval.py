@@ -30,6 +30,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--skip-bad-lines", action="store_true")
+    parser.add_argument(
+        "--weights",
+        default="fp32",
+        choices=["fp32", "bf16", "int8", "int4", "nf4"],
+        help="base weight format for generation (fast decode path; adapters stay fp32)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         limit=args.limit,
         skip_bad_lines=args.skip_bad_lines,
+        weights=args.weights,
         model_options=model_kwargs(args),
     )
     if args.json:

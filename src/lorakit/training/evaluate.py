@@ -83,13 +83,24 @@ def generate(
     batch_size: int = 16,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     synced: bool = False,
+    weights: str = "fp32",
 ) -> list[str]:
     """Greedy completions of ``prompts`` (rendered text, templates already applied), in order.
 
-    Prompts are sorted by length before batching so rows of a batch need little padding. ``synced`` keeps
-    stepping until every process is done (FSDP: each forward is a collective).
+    In fp32 on models it supports, the fast decode engine generates (`lorakit.inference`; same greedy tokens),
+    with base ``weights`` in that format. Otherwise prompts are sorted by length before batching so rows of a
+    batch need little padding. ``synced`` keeps stepping until every process is done (FSDP: each forward is a
+    collective).
     """
     stops = stop_token_ids(tokenizer)
+    from lorakit.inference.generate import fast_path_reason
+
+    if weights != "fp32" or (autocast is nullcontext and not synced and fast_path_reason(model) is None):
+        from lorakit.inference import generate as fast_generate
+
+        texts = fast_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stops,
+                              batch_size=batch_size, weights=weights)  # fmt: skip
+        return [t.strip() for t in texts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -132,6 +143,7 @@ def generation_eval(
     batch_size: int = 16,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     d: Dist | None = None,
+    weights: str = "fp32",
 ) -> GenerationResult:
     """Generate for every prompt/completion (or conversation) row and score against its reference.
 
@@ -145,6 +157,7 @@ def generation_eval(
         autocast: Mixed-precision context factory.
         d: In a multi-process run each process generates for its share of the rows; every process gets the
             scores of all of them.
+        weights: Base weight format of the fast decode engine (`lorakit.inference.weights.WEIGHT_FORMATS`).
 
     Raises:
         DataError: A row without a completion to compare against.
@@ -158,7 +171,7 @@ def generation_eval(
         local = generate(model, tokenizer, mine, max_new_tokens, batch_size, autocast, synced=d.fsdp)[:real]
         preds = [p for part in dist.gather_objects(d, local, "gathering eval generations") for p in part]
     else:
-        preds = generate(model, tokenizer, prompts, max_new_tokens, batch_size, autocast)
+        preds = generate(model, tokenizer, prompts, max_new_tokens, batch_size, autocast, weights=weights)
     em = sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(refs)
     nm = sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
     return GenerationResult(em, nm, len(refs), preds, refs, prompts)
@@ -228,6 +241,7 @@ def run_eval(
     skip_bad_lines: bool = False,
     model_options: dict[str, Any] | None = None,
     max_length: int = 1024,
+    weights: str = "fp32",
 ) -> dict[str, Any]:
     """``lorakit eval``: score the base model and, with ``adapter``, the adapter on the same rows.
 
@@ -258,7 +272,7 @@ def run_eval(
     examples, _ = tokenize_rows(rows, tok, max_length, True, chat_template)
 
     def score() -> tuple[dict[str, Any], GenerationResult]:
-        g = generation_eval(m, tok, rows, chat_template, max_new_tokens, batch_size, autocast)
+        g = generation_eval(m, tok, rows, chat_template, max_new_tokens, batch_size, autocast, weights=weights)
         return {**g.summary(), "eval_loss": eval_loss(m, examples, pad_id, batch_size, autocast)}, g
 
     out: dict[str, Any] = {"data": str(data), "n": len(rows)}

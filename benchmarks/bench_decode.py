@@ -1,0 +1,232 @@
+"""Fast decode vs transformers vs llama.cpp on this CPU: single stream, 16 mixed-adapter requests, HTTP overhead,
+and the greedy agreement of each base weight format with fp32 on the main job's held-out set.
+
+Model: the embedded SmolLM2-135M-Instruct; adapter: the main job's (``--adapter``, default runs/orders/adapter;
+a random r=16 q,k,v,o adapter when it is missing, said in the results), plus three perturbed copies for the
+mixed-adapter run. Every variant runs in each round, in turn (alternating), for ``--rounds`` rounds per thread
+count; the table gives the median and the range. llama.cpp (``llama-cpp-python``, optional) runs the same
+model's Q4_1 GGUF with the adapter exported as a GGUF LoRA by `lorakit.export` (benchmarks/decode_llamacpp.py).
+
+Run: python benchmarks/bench_decode.py [--threads 1 2] [--tokens 64] [--rounds 3] [--quality-rows 100]
+Writes benchmarks/results/decode.json (machine, date, every sample) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import torch
+
+import lorakit
+from lorakit.inference import DecodeEngine
+from lorakit.inference.generate import run_engine
+from lorakit.models import default_model_name, load_model
+from lorakit.serve.server import build_state, serve_in_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTERS = ["a0", "a1", "a2", "a3"]
+FORMATS = ["fp32", "bf16", "int8", "int4"]
+
+
+def prepare_adapters(model, adapter: Path, folder: Path) -> bool:
+    """Save a0 (the main job's adapter, or a random one) and three perturbed copies a1..a3; True if trained."""
+    trained = (adapter / "adapter_config.json").is_file()
+    if trained:
+        lorakit.load_adapter(model, adapter, name="a0")
+    else:
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj",
+                            "v_proj", "o_proj"]), name="a0")  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for i, name in enumerate(ADAPTERS):
+        if name != "a0":
+            lorakit.add_adapter(model, lorakit.get_config(model, "a0"), name=name)
+        with torch.no_grad():
+            src = lorakit.adapter_state_dict(model, "a0")
+            for key, t in lorakit.adapter_state_dict(model, name).items():
+                noise = torch.randn(t.shape, generator=gen) * 0.02 * (i > 0 or not trained)
+                t.copy_(src[key.replace(f".{name}.", ".a0.")] + noise)
+        lorakit.save_adapter(model, folder / name, name=name)
+    for name in ADAPTERS:
+        lorakit.delete_adapter(model, name)
+    return trained
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def single_stream(model, engines: dict, prompt: list[int], tokens: int, stops: set[int]) -> dict:
+    """One round: tokens/s of each in-process variant, one prompt, ``tokens`` new tokens (no early stop)."""
+    out = {}
+    x = torch.tensor([prompt])
+    with torch.no_grad(), lorakit.route(model, ["a0"]):
+        s, _ = timed(lambda: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens,
+                                            min_new_tokens=tokens, do_sample=False, pad_token_id=0))  # fmt: skip
+    out["transformers generate (unmerged)"] = tokens / s
+    for name, engine in engines.items():
+        s, _ = timed(lambda e=engine: run_engine(e, [prompt], ["a0"], tokens, set()))
+        out[f"lorakit engine {name}"] = tokens / s
+    s, got = timed(lambda: run_engine(engines["fp32"], [prompt], ["a0"], tokens, stops))
+    out["lorakit engine fp32, in process, stops at EOS (as served)"] = (len(got[0]) + 1) / s
+    return out
+
+
+async def _http(url: str, jobs: list[tuple[str, list[int]]], tokens: int) -> int:
+    async with httpx.AsyncClient(timeout=900) as client:
+
+        async def one(adapter: str, prompt: list[int]) -> int:
+            body = {"model": adapter, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+            n = 0
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and '"usage"' in line:
+                        n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
+            return n
+
+        return sum(await asyncio.gather(*(one(a, p) for a, p in jobs)))
+
+
+def http_rounds(url: str, prompts: list[list[int]], tokens: int) -> dict:
+    """tokens/s of one streamed request and of 16 concurrent requests over 4 adapters, through HTTP."""
+    one = [("a0", prompts[0])]
+    many = [(ADAPTERS[i % 4], prompts[i % len(prompts)]) for i in range(16)]
+    s1, n1 = timed(lambda: asyncio.run(_http(url, one, tokens)))
+    s16, n16 = timed(lambda: asyncio.run(_http(url, many, tokens)))
+    return {"lorakit serve, 1 request (HTTP, SSE)": n1 / s1, "lorakit serve, 16 requests / 4 adapters": n16 / s16}
+
+
+def llamacpp_rounds(llm, prompts: list[list[int]], tokens: int) -> dict:
+    rate, _ = llm.tokens_per_s(prompts[0], tokens)
+    start = time.perf_counter()
+    for i in range(16):
+        llm.tokens_per_s(prompts[i % len(prompts)], tokens)
+    seq = 16 * tokens / (time.perf_counter() - start)
+    return {"llama.cpp Q4_1 + LoRA": rate, "llama.cpp, 16 requests one after another": seq}
+
+
+def quality(model, tokenizer, rows: int) -> dict:
+    """Greedy agreement of each weight format with fp32 on the main job's held-out prompts (adapter a0)."""
+    from lorakit.training.data import read_jsonl
+    from lorakit.training.evaluate import prompt_text, stop_token_ids
+
+    data = read_jsonl(ROOT / "examples/data/orders_eval.jsonl")[:rows]
+    ids = [tokenizer(prompt_text(r, tokenizer, True)[0], add_special_tokens=False)["input_ids"] for r in data]
+    stops = set(stop_token_ids(tokenizer))
+    outs = {}
+    for fmt in FORMATS:
+        engine = DecodeEngine(model, weights=fmt, max_batch=16, max_len=max(map(len, ids)) + 130)
+        outs[fmt] = run_engine(engine, ids, ["a0"] * len(ids), 128, stops)
+    return {fmt: sum(a == b for a, b in zip(outs[fmt], outs["fp32"])) / len(ids) for fmt in FORMATS}
+
+
+def summarize(samples: list[dict]) -> dict:
+    keys = samples[0].keys()
+    return {k: {"median": statistics.median(s[k] for s in samples), "min": min(s[k] for s in samples),
+                "max": max(s[k] for s in samples)} for k in keys}  # fmt: skip
+
+
+def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: list[list[int]]) -> dict:
+    torch.set_num_threads(threads)
+    lorakit.load_adapter(model, folder / "a0", name="a0")
+    longest = max(map(len, prompts)) + args.tokens + 1
+    engines = {fmt: DecodeEngine(model, weights=fmt, max_batch=1, max_len=longest) for fmt in FORMATS}
+    llm = None
+    try:
+        from decode_llamacpp import LlamaCpp
+
+        from lorakit.export import base_info_for, export_gguf_adapter, read_adapter_files
+        from lorakit.models import resolve_model_source
+
+        gguf = folder / "a0.gguf"  # what `lorakit export --to gguf` writes
+        export_gguf_adapter(read_adapter_files(folder / "a0"), base_info_for(default_model_name()), gguf)
+        llm = LlamaCpp(str(resolve_model_source(default_model_name()).path), str(gguf), threads)
+    except ImportError as exc:
+        print(f"llama.cpp skipped: {exc}")
+    lorakit.delete_adapter(model, "a0")
+    state = build_state(model, tokenizer, base_name="base", adapters_dir=folder, max_batch_size=16)
+    from lorakit.training.evaluate import stop_token_ids
+
+    stops, rounds = set(stop_token_ids(tokenizer)), []
+    with serve_in_thread(state) as url:
+        asyncio.run(_http(url, [(a, prompts[0]) for a in ADAPTERS], 2))  # warm-up: loads the adapters
+        for r in range(args.rounds):
+            sample = single_stream(model, engines, prompts[0], args.tokens, stops)
+            sample.update(http_rounds(url, prompts, args.tokens))
+            if llm is not None:
+                sample.update(llamacpp_rounds(llm, prompts, args.tokens))
+            print(f"threads={threads} round {r}: " + ", ".join(f"{k}: {v:.1f}" for k, v in sample.items()), flush=True)
+            rounds.append(sample)
+    for name in list(lorakit.list_adapters(model)):
+        lorakit.delete_adapter(model, name)
+    return {"rounds": rounds, "tokens_per_s": summarize(rounds),
+            "weight_mb": {f: e.weight_bytes / 2**20 for f, e in engines.items()}}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="*", default=[1, 2], help="none: only the quality part")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quality-rows", type=int, default=100)
+    parser.add_argument("--adapter", default=str(ROOT / "runs/orders/adapter"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
+    args = parser.parse_args()
+    model, tokenizer = load_model(default_model_name())
+    texts = ["Two lattes and a bagel to 5 Main St, pay by card.", "Order 3 red shirts size M for Ana, ship fast",
+             "I need 12 pencils and a notebook delivered to Berlin", "add 2 pizzas to table 4"]  # fmt: skip
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for t in texts]  # fmt: skip
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                 "load_avg_at_start": os.getloadavg(), "torch": torch.__version__},
+                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": default_model_name(),
+                     "new_tokens": args.tokens, "rounds": args.rounds, "greedy": True}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        results["adapter_trained"] = prepare_adapters(model, Path(args.adapter), folder)
+        for threads in args.threads:
+            results[f"threads_{threads}"] = run_threads(threads, args, model, tokenizer, folder, prompts)
+        if args.quality_rows:
+            torch.set_num_threads(max(args.threads, default=1))
+            lorakit.load_adapter(model, folder / "a0", name="a0")
+            results["greedy_agreement_with_fp32"] = quality(model, tokenizer, args.quality_rows)
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+    out = Path(args.out)
+    if out.is_file():  # parts not run this time (e.g. --threads with no value) keep their earlier figures
+        results = {**json.loads(out.read_text()), **results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = Path(args.out).with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+    tmp_out.replace(args.out)
+    print(table(results))
+
+
+def table(r: dict) -> str:
+    lines = []
+    for key in [k for k in r if k.startswith("threads_")]:
+        lines += [f"\n{key.replace('_', ' = ')}", "| variant | tokens/s median | range |", "|---|---|---|"]
+        for name, s in r[key]["tokens_per_s"].items():
+            lines.append(f"| {name} | {s['median']:.1f} | {s['min']:.1f}-{s['max']:.1f} |")
+    if "greedy_agreement_with_fp32" in r:
+        lines.append(
+            "\ngreedy rows identical to fp32: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in r["greedy_agreement_with_fp32"].items())
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Per-row adapters for the decode engine, kept separate from the base weights (never merged).
+
+For the adapters present in a batch (``k`` of them, in first-appearance order) each projection keeps its
+factors side by side: ``A_cat = [A_1^T | ... | A_k^T]`` ``(in, sum r)`` and ``B_cat`` = the row blocks
+``scaling_i * B_i^T`` stacked ``(sum r, out)`` - the stacked factors of `lorakit.route`, without padding. One
+step computes ``h = x A_cat`` for every row, zeroes the rank columns that belong to other rows' adapters, and adds
+``h B_cat``: two dense matmuls per projection whatever the mix, and each row gets exactly its own
+``scaling * B A x`` (the zeroed columns add exact zeros). With one adapter for all rows no mask is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lorakit.errors import MergeError
+from lorakit.layers.base import LoraLayer
+
+
+class ProjectionAdapters:
+    """The concatenated factors of one (possibly fused) projection for one ordered set of adapter names.
+
+    A fused projection (q, k and v as one matmul) has several parts side by side in its output; each part's
+    ``B`` goes in its own block of ``B_cat`` (zeros elsewhere), so the fused update equals the separate ones.
+
+    Args:
+        parts: ``(lora_layer or None, out_features)`` of each part, in output order.
+        names: The batch's adapters in slot order; names a part lacks contribute no columns there.
+    """
+
+    def __init__(self, parts: Sequence[tuple[LoraLayer | None, int]], names: Sequence[str]) -> None:
+        self.a: Tensor | None = None
+        self.b: Tensor | None = None
+        self.spans: dict[str, list[tuple[int, int]]] = {}
+        a_parts, b_blocks, rank, col = [], [], 0, 0
+        for layer, out_features in parts:
+            for n in names:
+                if layer is None or n not in layer.r:
+                    continue
+                if n in layer.merged_adapters:
+                    raise MergeError(f"adapter {n!r} is merged into the base weights; unmerge it before routing rows")
+                a, b = layer.factors(n)  # (r, in), (out, r)
+                a_parts.append(a.detach().float().T)  # (in, r)
+                b_blocks.append((rank, col, (b.detach().float() * layer.scaling[n]).T))  # (r, out_part)
+                self.spans.setdefault(n, []).append((rank, rank + a.shape[0]))
+                rank += a.shape[0]
+            col += out_features
+        if not a_parts:
+            return
+        self.a = torch.cat(a_parts, dim=1).contiguous()  # (in, R)
+        self.b = self.a.new_zeros(rank, col)  # (R, out)
+        for r0, c0, block in b_blocks:
+            self.b[r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = block
+        self.single = len(self.spans) == 1
+
+    def column_mask(self, rows: Sequence[str | None], device: torch.device) -> Tensor | None:
+        """``(rows, R)`` 1/0 mask of each row's own rank columns; None when every row uses all of them."""
+        if self.a is None:
+            return None
+        if self.single and all(r in self.spans for r in rows):
+            return None
+        mask = torch.zeros(len(rows), self.a.shape[1])
+        for i, name in enumerate(rows):
+            for lo, hi in self.spans.get(name, ()):
+                mask[i, lo:hi] = 1.0
+        return mask.to(device)
+
+    def add_to(self, y: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``y + ((x A_cat) * mask) B_cat`` for ``x (n, in)``, ``y (n, out)``; in place on ``y``."""
+        if self.a is None:
+            return y
+        h = x @ self.a  # (n, R)
+        if mask is not None:
+            h = h * mask
+        return y.addmm_(h, self.b)  # (n, out)
+
+
+def layer_version(layer: LoraLayer | None) -> tuple:
+    """Identity and version counters of ``layer``'s factors: changes when an adapter is added, removed or trained."""
+    if layer is None:
+        return ()
+    key: list = []
+    for n in layer.r:
+        a, b = layer.factors(n)
+        key.append((n, id(a), a._version, id(b), b._version, layer.scaling[n]))
+    return tuple(key)

@@ -1,0 +1,233 @@
+"""`DecodeEngine`: a static KV cache and a lean decode step over packed weights, each row with its own adapter.
+
+The cache is allocated once, ``(layers, max_batch, kv_heads, max_len, head_dim)`` for keys and for values. Running
+rows always occupy slots ``0..rows-1`` (`keep` compacts when rows leave), so a step's attention reads a view of
+the cache, never a copy. Each row has its own length: a decode step writes each row's new key/value at that row's
+position and masks columns past it, so rows of different lengths decode together without padding. Prompts are
+prefilled right-padded into fresh slots (padding columns sit past the row's length: masked, then overwritten).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.errors import ConfigError
+from lorakit.inference import llama
+from lorakit.inference.adapters import ProjectionAdapters, layer_version
+from lorakit.inference.weights import PackedWeight
+from lorakit.layers.base import LoraLayer
+
+
+class DecodeEngine:
+    """Fast batched prefill/decode of a Llama-family model with per-row (unmerged) adapters.
+
+    Args:
+        model: A transformers Llama-family causal LM, possibly with lorakit adapters (see `llama.unsupported_reason`).
+        weights: Format of the frozen base weights (`lorakit.inference.weights.WEIGHT_FORMATS`); adapters stay fp32.
+        max_batch: Most rows decoding together.
+        max_len: Most tokens (prompt + generated) per row; default: the model's context, at most 4096.
+        compile: ``torch.compile`` the decode step (CPU: measured, see the README; CUDA: with CUDA graphs).
+
+    Raises:
+        ConfigError: The model is not one the fast path supports, or a bad size / format.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, weights: str = "fp32", max_batch: int = 8, max_len: int | None = None,
+        compile: bool = False,
+    ) -> None:  # fmt: skip
+        reason = llama.unsupported_reason(model)
+        if reason is not None:
+            raise ConfigError(f"the fast decode path does not support this model: {reason}; use model.generate")
+        context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+        max_len = min(context, 4096) if max_len is None else max_len
+        if max_batch < 1 or not 1 < max_len <= context:
+            raise ConfigError(f"max_batch must be >= 1 and max_len in 2..{context}, got {max_batch} and {max_len}")
+        self.model, self.fmt, self.max_batch, self.max_len = model, weights, max_batch, max_len
+        self.dims = llama.Dims.of(model)
+        param = next(model.parameters())
+        self.device = param.device
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.lm_head = PackedWeight(model.lm_head.weight, getattr(model.lm_head, "bias", None), weights)
+        self.final_norm = model.model.norm.weight.detach().float()
+        self.blocks = [self._block(i, layer) for i, layer in enumerate(model.model.layers)]
+        with torch.no_grad():
+            positions = torch.arange(max_len, device=self.device)[None]  # (1, T)
+            cos, sin = model.model.rotary_emb(self.embed[:1].float()[None], positions)  # (1, T, D)
+        self.cos, self.sin = cos[0].float(), sin[0].float()  # (T, D)
+        self.keys = self.values = torch.zeros(len(self.blocks), max_batch, self.dims.kv_heads, 0, self.dims.head_dim)
+        self.rows: list[str | None] = []  # each running row's adapter (None: the base model)
+        self.lengths: list[int] = []  # tokens in the cache per row
+        self._adapter_key: tuple | None = None
+        self._mask_key: tuple | None = None
+        self._step: Callable = torch.compile(self._decode_hidden, dynamic=True) if compile else self._decode_hidden
+
+    def _block(self, index: int, layer: nn.Module) -> llama.Block:
+        path = f"model.layers.{index}"
+        mods = {key: [layer.get_submodule(p) for p in parts] for key, parts in llama.FUSED.items()}
+        proj = {key: llama.fuse(m, self.fmt) for key, m in mods.items()}
+        versions = {key: llama.weight_versions(m) for key, m in mods.items()}
+        ln1 = layer.input_layernorm.weight.detach().float()
+        ln2 = layer.post_attention_layernorm.weight.detach().float()
+        none = ProjectionAdapters([], [])
+        return llama.Block(path, ln1, ln2, proj, versions, dict.fromkeys(proj, none), dict.fromkeys(proj))
+
+    def _repack_stale(self) -> None:
+        """Re-pack projections whose base weights changed in place since packing (a merge, say)."""
+        for block in self.blocks:
+            layer = self.model.get_submodule(block.path)
+            for key, parts in llama.FUSED.items():
+                mods = [layer.get_submodule(p) for p in parts]
+                versions = llama.weight_versions(mods)
+                if versions != block.versions[key]:
+                    block.proj[key], block.versions[key] = llama.fuse(mods, self.fmt), versions
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of packed weights one decode step reads (every projection and the LM head)."""
+        return self.lm_head.nbytes + sum(p.nbytes for b in self.blocks for p in b.proj.values())
+
+    # ---- adapters -----------------------------------------------------------------------------------------
+    def _lora(self, block: llama.Block, key: str) -> list[tuple[LoraLayer | None, int]]:
+        layer = self.model.get_submodule(block.path)
+        mods = [layer.get_submodule(p) for p in llama.FUSED[key]]
+        return [(m if isinstance(m, LoraLayer) else None, llama.base_weight(m)[0].shape[0]) for m in mods]
+
+    def sync_adapters(self) -> None:
+        """Rebuild the per-projection adapter factors if the rows' adapters or any factor changed.
+
+        Cheap when nothing changed (a key of tensor versions); runs before every prefill. Base weights changed in
+        place (merged into) are re-packed too.
+        """
+        self._repack_stale()
+        names = tuple(n for n in dict.fromkeys(self.rows) if n is not None)
+        loras = {(b.path, k): self._lora(b, k) for b in self.blocks for k in llama.FUSED}
+        key = (names, tuple(layer_version(lay) for parts in loras.values() for lay, _ in parts))
+        if key == self._adapter_key:
+            return
+        reason = llama.unsupported_reason(self.model)  # e.g. an adapter on the embedding was loaded since
+        if reason is not None:
+            raise ConfigError(f"the fast decode path cannot apply this model's adapters: {reason}")
+        for block in self.blocks:
+            for k in llama.FUSED:
+                block.adapters[k] = ProjectionAdapters(loras[(block.path, k)], names)
+        self._adapter_key, self._mask_key = key, None
+
+    def _set_masks(self, rows: Sequence[str | None], repeat: int = 1) -> None:
+        """Point every projection at the rank-column masks of ``rows`` (each repeated for ``repeat`` tokens)."""
+        key = (self._adapter_key, tuple(rows), repeat)
+        if key == self._mask_key:
+            return
+        shared: dict = {}  # projections with the same column layout share one mask
+        for block in self.blocks:
+            for k, adapters in block.adapters.items():
+                layout = tuple(sorted((n, tuple(s)) for n, s in adapters.spans.items()))
+                if layout not in shared:
+                    mask = adapters.column_mask(rows, self.device)
+                    shared[layout] = None if mask is None else mask.repeat_interleave(repeat, 0)
+                block.masks[k] = shared[layout]
+        self._mask_key = key
+
+    def _reserve(self, length: int) -> None:
+        """Grow the cache (doubling, up to max_len) to hold ``length`` columns; existing rows are kept."""
+        have = self.keys.shape[3]
+        if length <= have:
+            return
+        size = min(self.max_len, max(length, 2 * have, 256))
+        shape = (*self.keys.shape[:3], size, self.dims.head_dim)
+        keys, values = torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)
+        keys[:, :, :, :have], values[:, :, :, :have] = self.keys, self.values
+        self.keys, self.values = keys, values
+
+    # ---- rows ---------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every row (the cache memory stays allocated)."""
+        self.rows, self.lengths = [], []
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only rows ``indices`` (in that order), moved to slots ``0..len-1``."""
+        indices = list(indices)
+        if indices != list(range(len(indices))):
+            idx = torch.tensor(indices, device=self.device)
+            self.keys[:, : len(indices)] = self.keys[:, idx]
+            self.values[:, : len(indices)] = self.values[:, idx]
+        self.rows = [self.rows[i] for i in indices]
+        self.lengths = [self.lengths[i] for i in indices]
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> Tensor:
+        """Add rows for ``prompts`` (token ids, each with its adapter); return next-token logits ``(n, vocab)``."""
+        n, width, first = len(prompts), max(len(p) for p in prompts), len(self.rows)
+        if first + n > self.max_batch:
+            raise ConfigError(f"{first} rows run and {n} more do not fit max_batch={self.max_batch}")
+        if min(len(p) for p in prompts) < 1 or width >= self.max_len:
+            raise ConfigError(f"prompts need 1..{self.max_len - 1} tokens (max_len), got up to {width}")
+        self.rows, self.lengths = self.rows + list(adapters), self.lengths + [len(p) for p in prompts]
+        try:
+            self.sync_adapters()
+            self._set_masks(adapters, repeat=width)
+            self._reserve(width)
+            ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], device=self.device)  # (n, S)
+            hidden = self._prefill_hidden(ids, first)  # (n, S, hidden)
+        except BaseException:
+            self.keep(range(first))
+            raise
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._logits(hidden[torch.arange(n, device=self.device), last])  # (n, vocab)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Feed one token per running row (``(rows,)``); return the next-token logits ``(rows, vocab)``."""
+        if any(length >= self.max_len for length in self.lengths):
+            raise ConfigError(f"a row reached max_len={self.max_len}; stop it before the next decode step")
+        self._set_masks(self.rows)
+        pos = torch.tensor(self.lengths, device=self.device)  # (rows,)
+        span = max(self.lengths) + 1
+        self._reserve(span)
+        hidden = self._step(tokens.to(self.device), pos, span)
+        self.lengths = [n + 1 for n in self.lengths]
+        return self._logits(hidden)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(llama.rms_norm(hidden, self.final_norm, self.dims.eps))  # (n, vocab)
+
+    # ---- the math -----------------------------------------------------------------------------------------
+    def _prefill_hidden(self, ids: Tensor, first: int) -> Tensor:
+        n, s = ids.shape
+        x = self.embed[ids].float()  # (n, S, hidden)
+        cos, sin = self.cos[None, None, :s], self.sin[None, None, :s]  # (1, 1, S, D)
+        for i, block in enumerate(self.blocks):
+            x = self._layer(i, block, x, cos, sin, slice(first, first + n), None)
+        return x
+
+    def _decode_hidden(self, tokens: Tensor, pos: Tensor, span: int) -> Tensor:
+        x = self.embed[tokens].float()[:, None]  # (rows, 1, hidden)
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (rows, 1, 1, D)
+        cols = torch.arange(span, device=pos.device)
+        mask = (cols[None, :] <= pos[:, None])[:, None, None]  # (rows, 1, 1, span)
+        for i, block in enumerate(self.blocks):
+            x = self._layer(i, block, x, cos, sin, pos, mask)
+        return x[:, 0]  # (rows, hidden)
+
+    def _layer(
+        self, i: int, block: llama.Block, x: Tensor, cos: Tensor, sin: Tensor, where: slice | Tensor,
+        mask: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        """One decoder layer; ``where`` is the prefill's slots (a slice) or each decode row's position."""
+        n, s, hidden = x.shape
+        q, k, v = llama.attention_inputs(block, self.dims, llama.rms_norm(x, block.ln1, self.dims.eps), cos, sin)
+        keys, values = self.keys[i], self.values[i]  # (slots, Hkv, T, D)
+        if isinstance(where, slice):  # prefill: fresh slots, positions 0..S-1
+            keys[where, :, :s], values[where, :, :s] = k, v
+            attn = llama.attend(q, k, v, None, causal=True)
+        else:  # decode: one new column per row, at its own position
+            rows = torch.arange(n, device=x.device)
+            keys[rows, :, where], values[rows, :, where] = k[:, :, 0], v[:, :, 0]
+            span = mask.shape[-1]
+            attn = llama.attend(q, keys[:n, :, :span], values[:n, :, :span], mask, causal=False)
+        x = x + block.linear("o", attn.reshape(n * s, -1)).reshape(n, s, hidden)
+        h = llama.rms_norm(x, block.ln2, self.dims.eps).reshape(n * s, hidden)
+        return x + llama.mlp(block, h).reshape(n, s, hidden)

@@ -1,0 +1,108 @@
+"""Frozen base weights in the format inference reads fastest: fp32, bf16, int8 weight-only, 4-bit.
+
+Decode at batch 1 reads every weight once per token, so its speed follows the bytes per weight. The formats:
+
+- ``fp32``: the model's own tensor, shared (no copy); exact.
+- ``bf16``: a bf16 copy; activations are cast to bf16 for the matmul and the result back to fp32.
+- ``int8``: symmetric per-output-channel int8 (``w ~ q * scale``), PyTorch's weight-only kernel
+  (``torch._weight_int8pack_mm``) with bf16 activations (its fp32 path is ~5x slower on AVX2): a quarter of
+  fp32's bytes.
+- ``int4``: asymmetric 4-bit in groups of 32 input columns (``w ~ (q - 8) * scale + zero``), packed for PyTorch's
+  CPU kernel (``torch._weight_int4pack_mm_for_cpu``): an eighth of fp32's bytes plus the group scales.
+- ``nf4``: lorakit's NF4 (`lorakit.quant.nf4`, the QLoRA format) dequantized on every call; the smallest resident
+  base (0.56 bytes per weight) but the slowest step, for memory-bound deployments.
+
+Only the frozen base is converted; adapters stay in fp32 (`lorakit.inference.adapters`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lorakit.errors import ConfigError
+
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4", "nf4")
+INT4_GROUP = 32
+
+
+class PackedWeight:
+    """One linear map's frozen weight ``(out, in)`` (and bias) in one of `WEIGHT_FORMATS`; ``self(x)`` applies it.
+
+    Args:
+        weight: The fp32 (or bf16/fp16) weight ``(out, in)``; kept as is for ``fp32``, otherwise converted once.
+        bias: Optional bias ``(out,)``, always applied in fp32.
+        fmt: One of `WEIGHT_FORMATS`.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str) -> None:
+        if fmt not in WEIGHT_FORMATS:
+            raise ConfigError(f"weight format {fmt!r} is not one of {WEIGHT_FORMATS}")
+        self.fmt, self.bias = fmt, None if bias is None else bias.detach().float()
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach()
+        if fmt == "fp32":
+            self.w = w if w.dtype == torch.float32 else w.float()
+        elif fmt == "bf16":
+            self.w = w.to(torch.bfloat16)
+        elif fmt == "int8":
+            self.w, scale = quantize_int8(w.float())
+            self.scale = scale.to(torch.bfloat16)  # the kernel's vectorized path takes bf16 (5x fp32's speed)
+        elif fmt == "int4":
+            self.w, self.scale = pack_int4(w.float())
+        else:
+            from lorakit.quant.nf4 import quantize_nf4
+
+            self.w = quantize_nf4(w.float(), double_quant=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the weight (and its scales)."""
+        if self.fmt == "nf4":
+            return self.w.nbytes()
+        tensors = [self.w, getattr(self, "scale", None)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x @ W^T + b`` for ``x (n, in)`` fp32, returning ``(n, out)`` fp32."""
+        if self.fmt == "fp32":
+            y = F.linear(x, self.w)
+        elif self.fmt == "bf16":
+            y = F.linear(x.to(torch.bfloat16), self.w).float()
+        elif self.fmt == "int8":
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.w, self.scale).float()  # (n, out)
+        elif self.fmt == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.w, INT4_GROUP, self.scale).float()
+        else:
+            from lorakit.quant.nf4 import dequantize_nf4
+
+            y = F.linear(x, dequantize_nf4(self.w).to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: ``(q (out, in) int8, scale (out,) fp32)`` with ``w ~ q * scale``."""
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def pack_int4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Asymmetric 4-bit in groups of `INT4_GROUP` columns, packed for ``torch._weight_int4pack_mm_for_cpu``.
+
+    Returns ``(packed, scales_and_zeros (in / group, out, 2) bf16)``; the kernel computes
+    ``w ~ (q - 8) * scale + zero`` per group.
+    """
+    out_f, in_f = w.shape
+    if in_f % INT4_GROUP:
+        raise ConfigError(f"int4 weights need in_features divisible by {INT4_GROUP}, got {in_f}; use int8")
+    groups = w.reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)  # (out, G, group)
+    lo, hi = groups.amin(-1), groups.amax(-1)  # (out, G)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-6)
+    zero = lo + 8 * scale  # value of code 8
+    q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    q = q.reshape(out_f, in_f)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, scales_and_zeros  # (G, out, 2)

@@ -1,0 +1,95 @@
+"""The decode engine against transformers on the same model: logits of prefill and of every decode step (rows
+with different adapters and lengths, rows leaving mid-way), and greedy tokens equal to ``model.generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decode_helpers import prompts, with_adapters
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.inference import DecodeEngine
+from lorakit.inference.generate import run_engine
+from lorakit.inference.reference import reference_generate
+
+
+def _hf_next_logits(model, ids: list[int], adapter: str | None) -> torch.Tensor:
+    with torch.no_grad(), lorakit.route(model, [adapter]):
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def test_prefill_and_decode_logits_equal_hf_forward_per_row(lora_llama):
+    rows = ["qv", None, "all", "mlp"]
+    ids = prompts(4)
+    engine = DecodeEngine(lora_llama, max_batch=4, max_len=40)
+    logits = engine.prefill(ids, rows)
+    seqs = [list(p) for p in ids]
+    for step in range(6):
+        for i, (seq, adapter) in enumerate(zip(seqs, rows)):
+            torch.testing.assert_close(logits[i], _hf_next_logits(lora_llama, seq, adapter), atol=2e-4, rtol=1e-4)
+        tokens = logits.argmax(-1)
+        for seq, t in zip(seqs, tokens.tolist()):
+            seq.append(t)
+        if step == 2:  # rows 1 and 3 leave; row 2 moves to slot 0 (the cache is compacted)
+            engine.keep([2, 0])
+            rows, seqs, tokens = [rows[2], rows[0]], [seqs[2], seqs[0]], tokens[[2, 0]]
+        logits = engine.decode(tokens)
+
+
+def test_greedy_tokens_equal_model_generate_with_rows_joining(lora_llama):
+    rows = ["qv", "all", None, "mlp", "all", "qv", None]
+    ids = prompts(7, seed=3)
+    engine = DecodeEngine(lora_llama, max_batch=3, max_len=40)  # 7 prompts through 3 slots: rows join mid-way
+    got = run_engine(engine, ids, rows, max_new_tokens=12, stops={7, 42})
+    want = reference_generate(lora_llama, ids, rows, 12, [7, 42])
+    assert got == want
+
+
+def test_changed_adapter_factors_are_seen_by_the_next_prefill(lora_llama):
+    engine = DecodeEngine(lora_llama, max_batch=2, max_len=24)
+    ids = prompts(2, seed=5)
+    before = run_engine(engine, ids, ["all", "all"], 8, set())
+    with torch.no_grad():  # as a training step would
+        for t in lorakit.adapter_state_dict(lora_llama, "all").values():
+            t.mul_(-1.5)
+    after = run_engine(engine, ids, ["all", "all"], 8, set())
+    assert after == reference_generate(lora_llama, ids, ["all", "all"], 8, [])
+    assert after != before
+
+
+def test_adapter_added_after_the_engine_was_built_is_applied(tiny_llama):
+    engine = DecodeEngine(tiny_llama, max_batch=2, max_len=24)
+    with_adapters(tiny_llama, seed=4)  # wraps the projections the engine already packed
+    ids = prompts(2, seed=6)
+    assert run_engine(engine, ids, ["qv", "all"], 8, set()) == reference_generate(tiny_llama, ids, ["qv", "all"], 8, [])
+
+
+def test_bad_sizes_and_unsupported_models_raise_config_errors(lora_llama):
+    from tiny_models import tiny_gpt2
+
+    with pytest.raises(ConfigError, match="model_type 'gpt2'"):
+        DecodeEngine(tiny_gpt2())
+    with pytest.raises(ConfigError, match="max_len"):
+        DecodeEngine(lora_llama, max_len=10_000)
+    engine = DecodeEngine(lora_llama, max_batch=1, max_len=8)
+    with pytest.raises(ConfigError, match="max_batch=1"):
+        engine.prefill([[1], [2]], [None, None])
+    with pytest.raises(ConfigError, match="1..7 tokens"):
+        engine.prefill([list(range(8))], [None])
+    assert engine.rows == []  # a refused prefill leaves no half-added rows
+
+
+def test_merged_base_weights_are_repacked_and_a_merged_adapter_cannot_route(lora_llama):
+    from lorakit.errors import MergeError
+
+    engine = DecodeEngine(lora_llama, max_batch=1, max_len=24)
+    ids = prompts(1, seed=8)
+    lorakit.set_adapter(lora_llama, "all")
+    lorakit.merge(lora_llama, "all")  # base weights now include "all": the base row must see it
+    inputs = torch.tensor(ids)
+    with torch.no_grad():  # "all" is active and merged: forward adds nothing more
+        want = lora_llama.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=8, do_sample=False)
+    assert run_engine(engine, ids, [None], 8, set()) == [want[0, len(ids[0]) :].tolist()]
+    with pytest.raises(MergeError, match="merged"):
+        run_engine(engine, ids, ["all"], 8, set())

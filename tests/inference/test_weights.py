@@ -1,0 +1,50 @@
+"""Packed base weights against the dense fp32 matmul, with error bounds per format; nbytes per format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.errors import ConfigError
+from lorakit.inference.weights import PackedWeight, pack_int4, quantize_int8
+
+# Relative error of y = x W^T (Frobenius) that each format must stay under, for Gaussian weights.
+BOUNDS = {"fp32": 1e-6, "bf16": 1e-2, "int8": 1.5e-2, "int4": 0.12, "nf4": 0.12}
+
+
+@pytest.mark.parametrize("fmt", list(BOUNDS))
+def test_packed_matmul_is_close_to_fp32(fmt):
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(5, 64, generator=gen)
+    want = F.linear(x, w, b)
+    got = PackedWeight(w, b, fmt)(x)
+    assert got.dtype == torch.float32 and got.shape == (5, 96)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < BOUNDS[fmt], f"{fmt}: relative error {err:.4f}"
+
+
+def test_int8_codes_and_scales_reconstruct_the_weight():
+    w = torch.tensor([[1.0, -0.5, 0.25], [0.0, 2.0, -2.0]])
+    q, scale = quantize_int8(w)
+    torch.testing.assert_close(scale, torch.tensor([1 / 127, 2 / 127]))
+    assert q.dtype == torch.int8 and q.tolist()[1] == [0, 127, -127]
+    torch.testing.assert_close(q.float() * scale[:, None], w, atol=0.5 / 127 * 2, rtol=0)
+
+
+def test_bytes_per_format_shrink_as_documented():
+    w = torch.randn(128, 256)
+    sizes = {fmt: PackedWeight(w, None, fmt).nbytes for fmt in BOUNDS}
+    assert sizes["fp32"] == 128 * 256 * 4 and sizes["bf16"] == 128 * 256 * 2
+    assert sizes["int8"] == 128 * 256 + 128 * 2
+    assert sizes["int4"] < sizes["int8"] / 1.5 and sizes["nf4"] < sizes["int8"] / 1.5
+
+
+def test_fp32_shares_the_model_weight_and_bad_inputs_raise():
+    w = torch.randn(8, 32)
+    assert PackedWeight(w, None, "fp32").w.data_ptr() == w.data_ptr()  # no copy
+    with pytest.raises(ConfigError, match="not one of"):
+        PackedWeight(w, None, "int3")
+    with pytest.raises(ConfigError, match="divisible by 32"):
+        pack_int4(torch.randn(8, 48))
