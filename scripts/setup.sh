@@ -20,9 +20,10 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
 fi
-# llama.cpp for the GGUF export tests, only from a prebuilt wheel (building llama-cpp-python from source takes
-# 10+ CPU minutes). Without one, the tests that run llama.cpp skip and say why.
-WHEELS=${LORAKIT_WHEELS:-/work/wheels}
+# llama.cpp for the GGUF export tests, only from a wheel built once into the cache by
+# scripts/build_llamacpp_wheel.sh (PyPI ships llama-cpp-python as source: a 10+ CPU-minute build, too long to
+# repeat on every set-up). Without the wheel, the tests that run llama.cpp skip and say why.
+WHEELS=${LORAKIT_WHEELS:-$HOME/.cache/lorakit/wheels}
 if ! python -c "import llama_cpp" 2>/dev/null && compgen -G "$WHEELS/llama_cpp_python-*.whl" >/dev/null; then
   python -m pip install -q "$WHEELS"/llama_cpp_python-*.whl
 fi

@@ -21,7 +21,7 @@ from lorakit.export.agreement import agreement, llama_cpp_greedy, lorakit_greedy
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
-    reason="llama_cpp is not importable: pip install 'lorakit[llamacpp]' (see scripts/setup.sh) to run llama.cpp",
+    reason="llama_cpp is not importable: build its wheel (scripts/build_llamacpp_wheel.sh), rerun scripts/setup.sh",
 )
 ROOT = Path(__file__).resolve().parents[2]
 N_PROMPTS, MAX_NEW, TRAIN_STEPS = 20, 40, 8  # 95% of 20 rows: at most one may differ
