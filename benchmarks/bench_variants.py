@@ -26,16 +26,10 @@ from pathlib import Path
 
 import torch
 
+from lorakit.training.grid import VARIANTS  # the sweep's variant table: one source
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "variants.json"
-VARIANTS = {
-    "lora": {},
-    "rslora": {"use_rslora": True},
-    "dora": {"use_dora": True},
-    "pissa": {"init_lora_weights": "pissa"},
-    "olora": {"init_lora_weights": "olora"},
-    "lora+": {"loraplus_lr_ratio": 16.0},
-}
 MONTHS = "January February March April May June July August September October November December".split()
 
 

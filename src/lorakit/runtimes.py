@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lorakit.export.facts import AdapterFacts
+from lorakit.models import EMBEDDED_HUB_IDS
 
 REJECTS, IGNORES, NEEDS_FLAG, HANDLED, NOTE = "rejects", "ignores", "needs flag", "handled", "note"
 BLOCKING = (REJECTS, IGNORES)
@@ -36,8 +37,6 @@ _PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 VLLM_TARGETS = _PROJ | {"embed_tokens", "lm_head"}  # packed qkv_proj / gate_up_proj + embedding_modules
 LORAX_TARGETS = _PROJ | {"lm_head"}  # flash_llama.ADAPTER_LAYERS
 TGI_TARGETS = _PROJ | {"qkv_proj", "c_proj", "c_fc"}  # models/__init__.py adapter_layers
-# lorakit's embedded model names, as the Hub ids GPU runtimes load
-HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 @dataclass(frozen=True)
@@ -203,7 +202,11 @@ def servable(findings: list[Finding]) -> bool:
 
 def command(facts: AdapterFacts, runtime: str) -> str:
     """The command line that serves the adapter with ``runtime`` (flags follow from the findings)."""
-    name, path, base = facts.name, facts.path, HUB_IDS.get(facts.base.lower(), facts.base)
+    name, path, base = (
+        facts.name,
+        facts.path,
+        EMBEDDED_HUB_IDS.get(facts.base.lower(), facts.base),
+    )  # lorakit's names -> Hub ids
     gguf = facts.base_info.gguf_path if facts.base_info and facts.base_info.gguf_path else "BASE.gguf"
     if runtime == "vllm":
         rank = next((r for r in VLLM_MAX_RANKS if r >= facts.max_rank), VLLM_MAX_RANKS[-1])
