@@ -39,6 +39,7 @@ from export_helpers import chat_prompt_ids, patterned_copy, stop_ids  # noqa: E4
 import lorakit  # noqa: E402
 from lorakit.export import export_gguf_adapter, export_gguf_merged, read_adapter_files, resolve_base  # noqa: E402
 from lorakit.export.agreement import agreement, llama_cpp_greedy, lorakit_greedy  # noqa: E402
+from lorakit.models import embedded_name  # noqa: E402
 
 
 def main() -> None:
@@ -56,13 +57,15 @@ def main() -> None:
     start = time.time()
     files = read_adapter_files(adapter)
     base = resolve_base(files)
-    model, tokenizer = lorakit.load_model(files.config["base_model_name_or_path"])
+    # the model the adapter was trained on: lorakit's embedded copy when the config names its Hub id (offline)
+    base_name = embedded_name(files.config["base_model_name_or_path"]) or files.config["base_model_name_or_path"]
+    model, tokenizer = lorakit.load_model(base_name)
     rows = [json.loads(x) for x in (ROOT / "examples/data/orders_eval.jsonl").read_text().splitlines() if x]
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows[: args.prompts]]
     stops = stop_ids(tokenizer)
 
     def ours(folder: Path | None) -> list[list[int]]:
-        fresh, _ = lorakit.load_model(files.config["base_model_name_or_path"])
+        fresh, _ = lorakit.load_model(base_name)
         if folder is not None:
             lorakit.load_adapter(fresh, folder)
         return lorakit_greedy(fresh, prompts, args.max_new, stops)
@@ -90,7 +93,7 @@ def main() -> None:
                 export_gguf_merged(variant_files, base, out, quant)
                 results[f"{variant}: merged GGUF ({quant})"] = _row(cpp(out), expected[variant])
         results["control: lorakit + adapter vs lorakit base"] = _row(expected["adapter"], expected["base"])
-    report_unmerge = unmerge_figures(files.config["base_model_name_or_path"], adapter)
+    report_unmerge = unmerge_figures(base_name, adapter)
     report = {
         "command": "python benchmarks/check_gguf_export.py",
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
