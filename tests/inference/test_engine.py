@@ -93,3 +93,37 @@ def test_merged_base_weights_are_repacked_and_a_merged_adapter_cannot_route(lora
     assert run_engine(engine, ids, [None], 8, set()) == [want[0, len(ids[0]) :].tolist()]
     with pytest.raises(MergeError, match="merged"):
         run_engine(engine, ids, ["all"], 8, set())
+
+
+def test_a_non_finite_adapter_does_not_spill_into_batch_mates(lora_llama):
+    ids = prompts(3, seed=7)
+    clean = DecodeEngine(lora_llama, max_batch=3, max_len=24).prefill(ids, ["qv", None, "mlp"])
+    with torch.no_grad():  # one B of "all" becomes NaN: 0 * NaN in the stacked matmul would reach every row
+        next(t for k, t in lorakit.adapter_state_dict(lora_llama, "all").items() if "lora_B" in k).fill_(float("nan"))
+    engine = DecodeEngine(lora_llama, max_batch=4, max_len=24)
+    logits = engine.prefill([*ids, ids[0]], ["qv", None, "mlp", "all"])
+    torch.testing.assert_close(logits[:3], clean)
+    assert torch.isnan(logits[3]).all()
+    step = engine.decode(logits.nan_to_num().argmax(-1))
+    assert torch.isfinite(step[:3]).all() and torch.isnan(step[3]).all()
+
+
+def test_only_row_runs_one_row_alone_and_keeps_nothing(lora_llama):
+    ids, rows = prompts(3, seed=9), ["qv", "all", None]
+    engine = DecodeEngine(lora_llama, max_batch=3, max_len=24)
+    tokens = engine.prefill(ids, rows).argmax(-1)
+    with engine.only_row(1):
+        alone = engine.decode(tokens[1:2])
+    assert engine.lengths == [len(p) for p in ids] and engine.rows == rows
+    together = engine.decode(tokens)
+    torch.testing.assert_close(alone[0], together[1], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(together[1], _hf_next_logits(lora_llama, [*ids[1], int(tokens[1])], "all"),
+                               atol=2e-4, rtol=1e-4)  # fmt: skip
+
+
+def test_a_dora_adapter_is_not_run_by_the_fast_path(lora_llama):
+    config = lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False)
+    lorakit.add_adapter(lora_llama, config, name="dora")
+    assert "DoRA" in lorakit.inference.unsupported_reason(lora_llama)
+    with pytest.raises(ConfigError, match="DoRA"):
+        DecodeEngine(lora_llama, max_batch=1, max_len=16)

@@ -67,3 +67,9 @@ def adapters_dir(tiny_serve_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 def fresh_adapters(adapters_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the adapters folder (tests that add, break or delete folders)."""
     return Path(shutil.copytree(adapters_dir, tmp_path / "adapters"))
+
+
+@pytest.fixture(params=[None, "fp32"], ids=["reference", "engine"])
+def weights(request: pytest.FixtureRequest) -> str | None:
+    """The scheduler's model step: None is transformers' forward (the reference path), "fp32" the fast engine."""
+    return request.param

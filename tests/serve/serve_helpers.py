@@ -40,12 +40,24 @@ def solo_greedy(model_dir: Path, adapters: Path, requests: list[tuple[str | None
     return out
 
 
-def slow_down(model, seconds: float) -> None:
-    """Make every forward pass of ``model`` take at least ``seconds`` longer (for tests that race generation)."""
-    forward = model.forward
+def slow_down(target, seconds: float) -> None:
+    """Make every forward pass take at least ``seconds`` longer (for tests that race generation).
 
+    ``target`` is a model (its ``forward``) or a server state (every prefill and decode step of its scheduler, on
+    the fast engine and on the reference path alike).
+    """
+    batcher = getattr(target, "batcher", None)
+    if batcher is None:
+        target.forward = _slowed(target.forward, seconds)
+        return
+    for step in (batcher.reference, batcher.engine):
+        if step is not None:
+            step.prefill, step.decode = _slowed(step.prefill, seconds), _slowed(step.decode, seconds)
+
+
+def _slowed(fn, seconds: float):
     def slow(*args, **kwargs):
         time.sleep(seconds)
-        return forward(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    model.forward = slow
+    return slow

@@ -32,12 +32,12 @@ def _model(tiny_serve_dir, adapters_dir, names):
     return model, tokenizer
 
 
-def test_grouped_prefill_and_late_joiners_equal_solo_greedy(tiny_serve_dir, adapters_dir):
+def test_grouped_prefill_and_late_joiners_equal_solo_greedy(tiny_serve_dir, adapters_dir, weights):
     names = ["a0", "a1", "a3", "a7"]
     model, tokenizer = _model(tiny_serve_dir, adapters_dir, names)
     prompts = [tokenizer(p).input_ids for p in ["Hi", "A much longer prompt than the others, with", "x y z"]]
     jobs = [(names[i % 4], prompts[i % 3], 6 + i) for i in range(8)]
-    batcher = Batcher(model, tokenizer, max_batch_size=8)
+    batcher = Batcher(model, tokenizer, max_batch_size=8, weights=weights)
     collectors = [_Collector() for _ in jobs]
     reqs = [
         GenRequest(ids, a, SamplingParams(max_tokens=n, temperature=0), c) for (a, ids, n), c in zip(jobs, collectors)
@@ -64,9 +64,9 @@ def test_grouped_prefill_and_late_joiners_equal_solo_greedy(tiny_serve_dir, adap
     assert all(c.reason == "length" for c in collectors)
 
 
-def test_cancelled_requests_end_and_release_their_adapter(tiny_serve_dir, adapters_dir):
+def test_cancelled_requests_end_and_release_their_adapter(tiny_serve_dir, adapters_dir, weights):
     model, tokenizer = _model(tiny_serve_dir, adapters_dir, ["a2"])
-    batcher = Batcher(model, tokenizer, max_batch_size=1)
+    batcher = Batcher(model, tokenizer, max_batch_size=1, weights=weights)
     released = []
     long, queued = _Collector(), _Collector()
     running = GenRequest([5, 6, 7], "a2", SamplingParams(max_tokens=200), long, lambda: released.append("r"))

@@ -52,10 +52,10 @@ async def _complete_all(url: str, jobs: list[tuple[str | None, str, int]], clien
         return await asyncio.gather(*(one(*job) for job in jobs))
 
 
-def test_mixed_adapter_batch_outputs_equal_solo_greedy_outputs(tiny_serve_dir, adapters_dir):
+def test_mixed_adapter_batch_outputs_equal_solo_greedy_outputs(tiny_serve_dir, adapters_dir, weights):
     # different prompt lengths and max_tokens: requests join and leave the running batch at different steps
     jobs = [([None, *ADAPTERS][i % 9], PROMPTS[i % len(PROMPTS)], 4 + (i * 5) % 13) for i in range(18)]
-    with running_server(tiny_serve_dir, adapters_dir, max_batch_size=6) as (url, state):
+    with running_server(tiny_serve_dir, adapters_dir, max_batch_size=6, weights=weights) as (url, state):
         answers = asyncio.run(_complete_all(url, jobs, clients=18))
         metrics = httpx.get(url + "/metrics").text
         requests = [(a, encode_prompt(state.tokenizer, p), n) for a, p, n in jobs]
@@ -68,7 +68,7 @@ def test_mixed_adapter_batch_outputs_equal_solo_greedy_outputs(tiny_serve_dir, a
 
 def test_a_client_disconnecting_mid_stream_frees_its_slot(tiny_serve_dir, adapters_dir):
     with running_server(tiny_serve_dir, adapters_dir, max_batch_size=1) as (url, state):
-        slow_down(state.model, 0.02)  # 200 tokens take >= 4 s: the hang-up surely comes first
+        slow_down(state, 0.02)  # 200 tokens take >= 4 s: the hang-up surely comes first
         body = {"model": "a1", "prompt": "Tell me a story", "max_tokens": 200, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
@@ -88,7 +88,7 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(tiny_serve_dir, adapte
 
 def test_a_non_streaming_client_that_gives_up_frees_its_slot(tiny_serve_dir, adapters_dir):
     with running_server(tiny_serve_dir, adapters_dir, max_batch_size=1) as (url, state):
-        slow_down(state.model, 0.02)
+        slow_down(state, 0.02)
         body = {"model": "a3", "prompt": "Tell me a story", "max_tokens": 200, "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))

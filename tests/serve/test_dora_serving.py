@@ -71,5 +71,10 @@ def test_dora_and_lora_requests_share_batches_and_equal_solo_answers(tiny_serve_
     with running_server(tiny_serve_dir, folder, max_batch_size=5) as (url, state):
         answers = asyncio.run(_complete(url, jobs))
         requests = [(a, encode_prompt(state.tokenizer, p), n) for a, p, n in jobs]
+        assert state.batcher.step is state.batcher.reference  # the engine applies no DoRA: the scheduler fell back
+        for name in ("d0", "d1"):
+            assert httpx.delete(f"{url}/v1/adapters/{name}", timeout=30).status_code == 200
+        assert asyncio.run(_complete(url, jobs[1:3])) == answers[1:3]
+        assert state.batcher.step is state.batcher.engine  # no DoRA left: back on the fast path
     assert answers == _solo(tiny_serve_dir, folder, requests)
     assert len({a for (n, _, _), a in zip(jobs, answers) if n in ("d0", "d1")}) > 1  # DoRA answers differ

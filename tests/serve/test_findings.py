@@ -91,8 +91,10 @@ def test_the_api_cannot_load_adapters_from_outside_the_adapters_folder(tiny_serv
 
 # ---- a scheduler that cannot die -------------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [6e-38, 1e-45])  # the issue's value; one that overflows any model's logits
-def test_a_tiny_temperature_answers_like_greedy_and_releases_its_pin(tiny_serve_dir, adapters_dir, temperature):
-    with running_server(tiny_serve_dir, adapters_dir, max_tokens=64) as (url, state):
+def test_a_tiny_temperature_answers_like_greedy_and_releases_its_pin(
+    tiny_serve_dir, adapters_dir, temperature, weights
+):
+    with running_server(tiny_serve_dir, adapters_dir, max_tokens=64, weights=weights) as (url, state):
         r = _complete(url, "a1", temperature=temperature, max_tokens=12)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == _solo(state, tiny_serve_dir, adapters_dir, "a1", 12)
@@ -102,10 +104,10 @@ def test_a_tiny_temperature_answers_like_greedy_and_releases_its_pin(tiny_serve_
 
 
 @pytest.mark.parametrize("temperature", [0, 1.0])
-def test_nan_logits_fail_that_request_alone_mid_decode(tiny_serve_dir, adapters_dir, temperature):
-    with running_server(tiny_serve_dir, adapters_dir, max_tokens=64) as (url, state):
+def test_nan_logits_fail_that_request_alone_mid_decode(tiny_serve_dir, adapters_dir, temperature, weights):
+    with running_server(tiny_serve_dir, adapters_dir, max_tokens=64, weights=weights) as (url, state):
         assert _complete(url, "a1").status_code == 200  # a1 resident
-        slow_down(state.model, 0.01)
+        slow_down(state, 0.01)
         with ThreadPoolExecutor(2) as pool:
             innocent = pool.submit(_complete, url, "a0", max_tokens=20)
             _wait(lambda: state.batcher.running == 1)
@@ -120,8 +122,8 @@ def test_nan_logits_fail_that_request_alone_mid_decode(tiny_serve_dir, adapters_
         assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
-def test_a_request_failing_at_its_first_token_does_not_fail_its_prefill_mate(tiny_serve_dir, adapters_dir):
-    with running_server(tiny_serve_dir, adapters_dir) as (url, state):
+def test_a_request_failing_at_its_first_token_does_not_fail_its_prefill_mate(tiny_serve_dir, adapters_dir, weights):
+    with running_server(tiny_serve_dir, adapters_dir, weights=weights) as (url, state):
         assert _complete(url, "a1").status_code == 200 and _complete(url, "a0").status_code == 200  # resident
         _poison(state, "a1", float("inf"))
         gate = Gate(state)
@@ -136,8 +138,8 @@ def test_a_request_failing_at_its_first_token_does_not_fail_its_prefill_mate(tin
         assert r_ok.json()["choices"][0]["text"] == _solo(state, tiny_serve_dir, adapters_dir, "a0")
 
 
-def test_out_of_vocabulary_prompt_ids_are_refused_and_do_not_hurt_batch_mates(tiny_serve_dir, adapters_dir):
-    with running_server(tiny_serve_dir, adapters_dir) as (url, state):
+def test_out_of_vocabulary_prompt_ids_are_refused_and_do_not_hurt_batch_mates(tiny_serve_dir, adapters_dir, weights):
+    with running_server(tiny_serve_dir, adapters_dir, weights=weights) as (url, state):
         vocab = state.model.get_input_embeddings().weight.shape[0]
         assert _complete(url, "a0").status_code == 200  # resident: its load does not wait behind the gate
         gate = Gate(state)
@@ -208,7 +210,7 @@ def test_a_corrupt_adapter_is_not_listed_as_servable(tiny_serve_dir, fresh_adapt
 def test_slow_tokens_do_not_fail_non_streamed_requests(tiny_serve_dir, adapters_dir):
     """On Python 3.10 `asyncio.wait_for` raises `asyncio.TimeoutError`, not the builtin: gaps >= 0.25 s gave 500."""
     with running_server(tiny_serve_dir, adapters_dir) as (url, state):
-        slow_down(state.model, 0.3)
+        slow_down(state, 0.3)
         assert _complete(url, "tiny", max_tokens=2).status_code == 200
 
 
@@ -219,8 +221,8 @@ def test_serve_threads_zero_is_one_error_line(capsys):
 
 
 # ---- the loop stopping -----------------------------------------------------------------------------------------
-def test_if_the_scheduler_stops_health_is_503_and_waiters_fail_at_once(tiny_serve_dir, adapters_dir):
-    with running_server(tiny_serve_dir, adapters_dir) as (url, state):
+def test_if_the_scheduler_stops_health_is_503_and_waiters_fail_at_once(tiny_serve_dir, adapters_dir, weights):
+    with running_server(tiny_serve_dir, adapters_dir, weights=weights) as (url, state):
         assert _complete(url, "a0").status_code == 200  # resident: its load does not wait behind the gate
         gate = Gate(state)
         with ThreadPoolExecutor(1) as pool:

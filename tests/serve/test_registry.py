@@ -43,7 +43,7 @@ def test_lru_cap_evicts_the_least_recently_used_adapter(tiny_serve_dir, adapters
 
 def test_eviction_when_requests_finish_does_not_deadlock_the_scheduler(tiny_serve_dir, adapters_dir):
     with running_server(tiny_serve_dir, adapters_dir, max_adapters=1, max_batch_size=4) as (url, state):
-        slow_down(state.model, 0.02)  # 30 tokens take > 0.6 s: both requests are in flight together
+        slow_down(state, 0.02)  # 30 tokens take > 0.6 s: both requests are in flight together
         with ThreadPoolExecutor(2) as pool:
             answers = [pool.submit(_complete, url, name, 30) for name in ("a0", "a1")]
             deadline = time.monotonic() + 10

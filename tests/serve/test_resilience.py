@@ -1,5 +1,6 @@
 """The scheduler without HTTP, under faults injected into one request: its batch-mates finish with their solo greedy
-answers, every request's `on_done` (the adapter pin release) runs once, and the scheduler keeps serving."""
+answers, every request's `on_done` (the adapter pin release) runs once, and the scheduler keeps serving. Each test
+runs on both model steps (the ``weights`` fixture: the reference path and the fast engine)."""
 
 from __future__ import annotations
 
@@ -52,18 +53,36 @@ def _run(batcher: Batcher, collectors) -> None:
         batcher.close()
 
 
-def test_an_adapter_failing_mid_batch_fails_only_its_request(tiny_serve_dir, adapters_dir):
-    model, tokenizer, ids = _setup(tiny_serve_dir, adapters_dir)
-    layer = [m for m in model.modules() if isinstance(m, LoraLayer)][-1]  # the last: earlier layers append first
-    forward, armed = layer.forward, threading.Event()
+def _inject_fault(model, batcher: Batcher, armed: threading.Event) -> None:
+    """Once ``armed``, every forward pass with a1 in the batch raises in the last layer (earlier ones wrote k/v)."""
+    if batcher.engine is None:
+        layer = [m for m in model.modules() if isinstance(m, LoraLayer)][-1]
+        forward = layer.forward
 
-    def faulty(x, *args, **kwargs):
-        route = current_route()
-        if armed.is_set() and route is not None and "a1" in route.rows:
+        def faulty(x, *args, **kwargs):
+            route = current_route()
+            if armed.is_set() and route is not None and "a1" in route.rows:
+                raise RuntimeError("injected adapter fault")
+            return forward(x, *args, **kwargs)
+
+        layer.forward = faulty
+        return
+    engine = batcher.engine.engine
+    run_layer = engine._layer
+
+    def faulty_layer(i, *args):
+        if armed.is_set() and "a1" in engine.rows and i == len(engine.blocks) - 1:
             raise RuntimeError("injected adapter fault")
-        return forward(x, *args, **kwargs)
+        return run_layer(i, *args)
 
-    layer.forward = faulty
+    engine._layer = faulty_layer
+
+
+def test_an_adapter_failing_mid_batch_fails_only_its_request(tiny_serve_dir, adapters_dir, weights):
+    model, tokenizer, ids = _setup(tiny_serve_dir, adapters_dir)
+    armed = threading.Event()
+    batcher = Batcher(model, tokenizer, max_batch_size=4, weights=weights)
+    _inject_fault(model, batcher, armed)
     good, bad = _Collector(), _Collector()
     arm_after = bad.__call__
 
@@ -72,7 +91,6 @@ def test_an_adapter_failing_mid_batch_fails_only_its_request(tiny_serve_dir, ada
         if bad.events == 3:
             armed.set()
 
-    batcher = Batcher(model, tokenizer, max_batch_size=4)
     batcher.submit(_request(ids, "a0", good))
     batcher.submit(_request(ids, "a1", bad, arm))
     _run(batcher, [good, bad])
@@ -81,7 +99,7 @@ def test_an_adapter_failing_mid_batch_fails_only_its_request(tiny_serve_dir, ada
     assert (good.released, bad.released) == (1, 1)
 
 
-def test_a_raising_callback_fails_only_its_request(tiny_serve_dir, adapters_dir):
+def test_a_raising_callback_fails_only_its_request(tiny_serve_dir, adapters_dir, weights):
     model, tokenizer, ids = _setup(tiny_serve_dir, adapters_dir)
     good, bad = _Collector(), _Collector()
 
@@ -90,7 +108,7 @@ def test_a_raising_callback_fails_only_its_request(tiny_serve_dir, adapters_dir)
         if bad.events == 2:
             raise RuntimeError("the client's callback broke")
 
-    batcher = Batcher(model, tokenizer, max_batch_size=4)
+    batcher = Batcher(model, tokenizer, max_batch_size=4, weights=weights)
     batcher.submit(_request(ids, "a0", good))
     batcher.submit(_request(ids, "a1", bad, explode))
     _run(batcher, [good, bad])
@@ -99,10 +117,10 @@ def test_a_raising_callback_fails_only_its_request(tiny_serve_dir, adapters_dir)
     assert (good.released, bad.released) == (1, 1)
 
 
-def test_bad_prompt_ids_fail_alone_in_a_shared_prefill(tiny_serve_dir, adapters_dir):
+def test_bad_prompt_ids_fail_alone_in_a_shared_prefill(tiny_serve_dir, adapters_dir, weights):
     model, tokenizer, ids = _setup(tiny_serve_dir, adapters_dir)
     good, bad, empty = _Collector(), _Collector(), _Collector()
-    batcher = Batcher(model, tokenizer, max_batch_size=4)
+    batcher = Batcher(model, tokenizer, max_batch_size=4, weights=weights)
     batcher.submit(_request(ids, "a0", good))
     batcher.submit(_request([1, 10**9], None, bad))
     batcher.submit(_request([], None, empty))

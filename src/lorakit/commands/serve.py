@@ -30,6 +30,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, help="most requests decoding together (default 8)")
     parser.add_argument("--merge", default=None, metavar="NAME", help="serve only adapter NAME merged into the base")
     parser.add_argument("--dtype", default="float32", help="model dtype: float32, bf16, fp16 or auto")
+    parser.add_argument(
+        "--weights",
+        default="fp32",
+        choices=["fp32", "bf16", "int8", "int4", "nf4"],
+        help="base weight format of the fast decode engine (default fp32: same greedy outputs as --reference; "
+        "adapters stay fp32; agreement of the others in the README)",
+    )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="decode with transformers' forward instead of the fast engine (the reference path)",
+    )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--runs", default=None, metavar="DIR", help="folder of training runs shown on the web page")
@@ -98,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.serve.server import build_state
     from lorakit.serve.server import run as serve
 
+    if args.reference and args.weights != "fp32":
+        raise ConfigError(f"--weights {args.weights} is a format of the fast engine; --reference runs the model as "
+                          "loaded (see --dtype): give one of the two")  # fmt: skip
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}; leave it out for torch's choice")
     env_key = os.environ.get("LORAKIT_API_KEY")
@@ -118,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, base_name=base_name, adapters_dir=args.adapters, max_adapters=args.max_adapters,
         max_batch_size=args.max_batch_size, merge=args.merge, limits=limits, keys=keys,
         allow_adapter_paths=args.allow_adapter_paths, allow_hub_adapters=args.allow_hub_adapters,
+        weights=None if args.reference else args.weights,
     )  # fmt: skip
     state.runs_dir = Path(args.runs) if args.runs is not None else None
     served = state.model_names()

@@ -6,6 +6,10 @@ factors side by side: ``A_cat = [A_1^T | ... | A_k^T]`` ``(in, sum r)`` and ``B_
 step computes ``h = x A_cat`` for every row, zeroes the rank columns that belong to other rows' adapters, and adds
 ``h B_cat``: two dense matmuls per projection whatever the mix, and each row gets exactly its own
 ``scaling * B A x`` (the zeroed columns add exact zeros). With one adapter for all rows no mask is needed.
+
+Zeroed columns add exact zeros only while every factor is finite (``0 * nan`` is nan): an adapter with a NaN or
+Inf factor would spill into its batch-mates. Such an adapter contributes zeros here and is listed in ``broken``;
+the engine gives its rows NaN logits, which is what they would compute alone.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class ProjectionAdapters:
         self.a: Tensor | None = None
         self.b: Tensor | None = None
         self.spans: dict[str, list[tuple[int, int]]] = {}
+        self.broken: set[str] = set()  # adapters with a non-finite factor here (their blocks are zeros)
         a_parts, b_blocks, rank, col = [], [], 0, 0
         for layer, out_features in parts:
             for n in names:
@@ -42,8 +47,12 @@ class ProjectionAdapters:
                 if n in layer.merged_adapters:
                     raise MergeError(f"adapter {n!r} is merged into the base weights; unmerge it before routing rows")
                 a, b = layer.factors(n)  # (r, in), (out, r)
-                a_parts.append(a.detach().float().T)  # (in, r)
-                b_blocks.append((rank, col, (b.detach().float() * layer.scaling[n]).T))  # (r, out_part)
+                a, b = a.detach().float(), b.detach().float() * layer.scaling[n]
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    self.broken.add(n)
+                    a, b = torch.zeros_like(a), torch.zeros_like(b)
+                a_parts.append(a.T)  # (in, r)
+                b_blocks.append((rank, col, b.T))  # (r, out_part)
                 self.spans.setdefault(n, []).append((rank, rank + a.shape[0]))
                 rank += a.shape[0]
             col += out_features

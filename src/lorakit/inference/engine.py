@@ -9,7 +9,8 @@ prefilled right-padded into fresh slots (padding columns sit past the row's leng
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +62,9 @@ class DecodeEngine:
         self.keys = self.values = torch.zeros(len(self.blocks), max_batch, self.dims.kv_heads, 0, self.dims.head_dim)
         self.rows: list[str | None] = []  # each running row's adapter (None: the base model)
         self.lengths: list[int] = []  # tokens in the cache per row
+        self._first = 0  # slot of row 0 (only `only_row` moves it)
         self._adapter_key: tuple | None = None
+        self.broken: set[str] = set()  # adapters with non-finite factors: their rows get NaN logits
         self._mask_key: tuple | None = None
         self._step: Callable = torch.compile(self._decode_hidden, dynamic=True) if compile else self._decode_hidden
 
@@ -111,9 +114,11 @@ class DecodeEngine:
         reason = llama.unsupported_reason(self.model)  # e.g. an adapter on the embedding was loaded since
         if reason is not None:
             raise ConfigError(f"the fast decode path cannot apply this model's adapters: {reason}")
+        self.broken = set()
         for block in self.blocks:
             for k in llama.FUSED:
                 block.adapters[k] = ProjectionAdapters(loras[(block.path, k)], names)
+                self.broken |= block.adapters[k].broken
         self._adapter_key, self._mask_key = key, None
 
     def _set_masks(self, rows: Sequence[str | None], repeat: int = 1) -> None:
@@ -157,6 +162,20 @@ class DecodeEngine:
         self.rows = [self.rows[i] for i in indices]
         self.lengths = [self.lengths[i] for i in indices]
 
+    @contextmanager
+    def only_row(self, index: int) -> Iterator[None]:
+        """Inside the block the engine runs row ``index`` alone, in its own slot (a failure probe).
+
+        Nothing a decode step does inside is kept: the row's length is restored, and the key/value column a step
+        wrote sits past that length, where the next real step overwrites it.
+        """
+        saved = self.rows, self.lengths, self._first
+        self.rows, self.lengths, self._first = [self.rows[index]], [self.lengths[index]], self._first + index
+        try:
+            yield
+        finally:
+            self.rows, self.lengths, self._first = saved
+
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> Tensor:
         """Add rows for ``prompts`` (token ids, each with its adapter); return next-token logits ``(n, vocab)``."""
@@ -176,7 +195,7 @@ class DecodeEngine:
             self.keep(range(first))
             raise
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(hidden[torch.arange(n, device=self.device), last])  # (n, vocab)
+        return self._logits(hidden[torch.arange(n, device=self.device), last], adapters)  # (n, vocab)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
@@ -189,10 +208,14 @@ class DecodeEngine:
         self._reserve(span)
         hidden = self._step(tokens.to(self.device), pos, span)
         self.lengths = [n + 1 for n in self.lengths]
-        return self._logits(hidden)
+        return self._logits(hidden, self.rows)
 
-    def _logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(llama.rms_norm(hidden, self.final_norm, self.dims.eps))  # (n, vocab)
+    def _logits(self, hidden: Tensor, rows: Sequence[str | None]) -> Tensor:
+        logits = self.lm_head(llama.rms_norm(hidden, self.final_norm, self.dims.eps))  # (n, vocab)
+        if self.broken:
+            bad = [i for i, name in enumerate(rows) if name in self.broken]
+            logits[bad] = float("nan")  # what these rows compute alone (see lorakit.inference.adapters)
+        return logits
 
     # ---- the math -----------------------------------------------------------------------------------------
     def _prefill_hidden(self, ids: Tensor, first: int) -> Tensor:
@@ -224,10 +247,11 @@ class DecodeEngine:
             keys[where, :, :s], values[where, :, :s] = k, v
             attn = llama.attend(q, k, v, None, causal=True)
         else:  # decode: one new column per row, at its own position
-            rows = torch.arange(n, device=x.device)
+            lo = self._first
+            rows = torch.arange(lo, lo + n, device=x.device)
             keys[rows, :, where], values[rows, :, where] = k[:, :, 0], v[:, :, 0]
             span = mask.shape[-1]
-            attn = llama.attend(q, keys[:n, :, :span], values[:n, :, :span], mask, causal=False)
+            attn = llama.attend(q, keys[lo : lo + n, :, :span], values[lo : lo + n, :, :span], mask, causal=False)
         x = x + block.linear("o", attn.reshape(n * s, -1)).reshape(n, s, hidden)
         h = llama.rms_norm(x, block.ln2, self.dims.eps).reshape(n * s, hidden)
         return x + llama.mlp(block, h).reshape(n, s, hidden)

@@ -41,6 +41,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for path, layer in iter_lora_layers(model):
         if path not in allowed or not hasattr(layer, "factors"):
             return f"LoRA layer {path} ({type(layer).__name__}) is not a projection the fast path applies"
+        dora = [n for n in layer.r if getattr(layer, "is_dora", lambda _: False)(n)]
+        if dora:
+            return f"DoRA adapter {dora[0]!r} on {path} (the fast path applies plain LoRA updates only)"
     for path, module in model.named_modules():
         if type(module).__name__ == "ModulesToSave":
             return f"modules_to_save at {path}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import threading
@@ -21,6 +22,7 @@ from lorakit.serve.metrics import Metrics
 from lorakit.serve.registry import AdapterRegistry
 
 __all__ = ["DEFAULT_MAX_TOKENS", "build_state", "run", "serve_in_thread"]
+_log = logging.getLogger("lorakit.serve")
 
 
 def build_state(
@@ -38,6 +40,7 @@ def build_state(
     allow_adapter_paths: bool = False,
     max_queue: int | None = None,
     allow_hub_adapters: bool = False,
+    weights: str | None = "fp32",
 ) -> ServeState:
     """Everything a server needs around a loaded ``(model, tokenizer)``.
 
@@ -55,24 +58,29 @@ def build_state(
         allow_adapter_paths: Let clients load adapter folders outside ``adapters_dir``.
         max_queue: Most waiting requests; overrides ``limits``.
         allow_hub_adapters: ``POST /v1/adapters`` may name a Hub id as the path (downloaded into the HF cache).
+        weights: Decode with the fast engine (`lorakit.inference.DecodeEngine`) over base weights in this format
+            (fp32: greedy outputs equal the reference path); None: transformers' forward (the reference path).
+            fp32 falls back to the reference path on models the engine cannot run; other formats raise there.
 
     Raises:
-        ConfigError: bad sizes; AdapterNotFoundError / FormatError / IncompatibleAdapterError for ``merge``.
+        ConfigError: bad sizes or weight format; AdapterNotFoundError / FormatError / IncompatibleAdapterError
+            for ``merge``.
     """
     limits = _limits(model, limits or Limits(), max_tokens, max_queue)
     if max_batch_size < 1:
         raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
     model.eval()
     metrics, keys = Metrics(), keys or Keys()
+    options = {"max_batch_size": max_batch_size, "metrics": metrics}
     if merge is not None:
         path = Path(merge) if Path(merge).is_dir() else AdapterRegistry(model, adapters_dir).path(merge)
         name = path.name if Path(merge).is_dir() else merge
         lorakit.load_adapter(model, path, name=name)
         lorakit.set_adapter(model, name)
         lorakit.unload(model, merge=True)  # plain modules again: zero adapter overhead per step
-        batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=False, metrics=metrics)
+        batcher = Batcher(model, tokenizer, routed=False, weights=_engine_weights(model, weights), **options)
         return ServeState(model, tokenizer, base_name, batcher, metrics, limits, None, merged=name, keys=keys)
-    batcher = Batcher(model, tokenizer, max_batch_size=max_batch_size, routed=True, metrics=metrics)
+    batcher = Batcher(model, tokenizer, routed=True, weights=_engine_weights(model, weights), **options)
     registry = AdapterRegistry(
         model,
         adapters_dir,
@@ -83,6 +91,26 @@ def build_state(
         allow_hub=allow_hub_adapters,
     )
     return ServeState(model, tokenizer, base_name, batcher, metrics, limits, registry, keys=keys)
+
+
+def _engine_weights(model, weights: str | None) -> str | None:
+    """The engine's weight format for ``model``, or None for the reference path (see `build_state`)."""
+    from lorakit.inference import WEIGHT_FORMATS, unsupported_reason
+
+    if weights is None:
+        return None
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"weights={weights!r} is not one of {WEIGHT_FORMATS} (or None: the reference path)")
+    reason = unsupported_reason(model)
+    if reason is None:
+        return weights
+    if weights != "fp32":
+        raise ConfigError(
+            f"--weights {weights} needs the fast decode engine, which cannot run this model ({reason}); "
+            "serve it with --weights fp32 or --reference"
+        )
+    _log.info("lorakit serve: the reference path serves this model (%s)", reason)
+    return None
 
 
 def _limits(model, limits: Limits, max_tokens: int | None, max_queue: int | None) -> Limits:

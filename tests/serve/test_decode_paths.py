@@ -1,0 +1,38 @@
+"""Which model step `lorakit serve` runs: the fast engine by default (fp32: greedy outputs equal the reference path,
+tested across tests/serve with the ``weights`` fixture), the reference path on request or where the engine cannot
+run the model."""
+
+from __future__ import annotations
+
+import pytest
+
+import lorakit
+from lorakit.cli import main
+from lorakit.errors import ConfigError
+from lorakit.serve.server import build_state
+
+
+def test_serve_runs_the_engine_by_default_and_the_reference_on_request(tiny_serve_dir):
+    model, tokenizer = lorakit.load_model(tiny_serve_dir)
+    batcher = build_state(model, tokenizer, base_name="tiny").batcher
+    assert batcher.step is batcher.engine and batcher.engine.engine.fmt == "fp32"
+    batcher = build_state(model, tokenizer, base_name="tiny", weights="int8").batcher
+    assert batcher.engine.engine.fmt == "int8"
+    batcher = build_state(model, tokenizer, base_name="tiny", weights=None).batcher
+    assert batcher.engine is None and batcher.step is batcher.reference
+    with pytest.raises(ConfigError, match="'int3' is not one of"):
+        build_state(model, tokenizer, base_name="tiny", weights="int3")
+
+
+def test_a_packed_format_on_a_model_the_engine_cannot_run_is_refused(tiny_serve_dir):
+    model, tokenizer = lorakit.load_model(tiny_serve_dir)
+    model.config.hidden_act = "gelu"  # not a Llama the engine computes
+    assert build_state(model, tokenizer, base_name="tiny").batcher.engine is None  # fp32: the reference path
+    with pytest.raises(ConfigError, match="--weights int8 needs the fast decode engine.*hidden_act"):
+        build_state(model, tokenizer, base_name="tiny", weights="int8")
+
+
+def test_reference_with_a_packed_format_is_one_error_line(capsys):
+    assert main(["serve", "--reference", "--weights", "int8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit: error: --weights int8") and err.count("\n") == 1
