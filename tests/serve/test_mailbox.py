@@ -43,3 +43,16 @@ def test_get_all_returns_nothing_after_its_timeout_and_then_later_items():
         return empty, await box.get_all(5.0)
 
     assert asyncio.run(main()) == ([], ["x"])
+
+
+def test_a_wake_up_that_finds_nothing_is_not_a_timeout():
+    async def main() -> list:
+        box = Mailbox(asyncio.get_running_loop())
+        box.put("a")  # announces a wake-up ...
+        assert await box.get_all(0) == ["a"]  # ... but the items are taken before it runs
+        later = asyncio.get_running_loop().call_later(0.05, box.put, "b")
+        got = await box.get_all(5.0)  # the stale wake-up must not end the wait with []
+        later.cancel()
+        return got
+
+    assert asyncio.run(main()) == ["b"]

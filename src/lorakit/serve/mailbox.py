@@ -52,15 +52,19 @@ class Mailbox:
         return items
 
     async def get_all(self, timeout: float) -> list:
-        """Every item delivered so far, waiting up to ``timeout`` seconds for the first; [] when none came."""
-        items = self._take()
-        if items or timeout <= 0:
-            return items
-        self._waiter = self._loop.create_future()
-        try:
-            await asyncio.wait_for(self._waiter, timeout)
-        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError before Python 3.11
-            pass
-        finally:
-            self._waiter = None
-        return self._take()
+        """Every item delivered so far, waiting up to ``timeout`` seconds for the first; [] only when none came.
+
+        A wake-up can find nothing (an earlier call took the items it announced): then it waits again.
+        """
+        deadline = self._loop.time() + timeout
+        while True:
+            items, remaining = self._take(), deadline - self._loop.time()
+            if items or remaining <= 0:
+                return items
+            self._waiter = self._loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, remaining)
+            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError before Python 3.11
+                pass
+            finally:
+                self._waiter = None
