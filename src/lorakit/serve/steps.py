@@ -114,7 +114,8 @@ class EngineStep:
         from lorakit.inference import DecodeEngine
 
         self.model, self.routed = model, routed
-        self.engine = DecodeEngine(model, weights=weights, max_batch=max_batch)
+        context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)  # the cache grows on demand
+        self.engine = DecodeEngine(model, weights=weights, max_batch=max_batch, max_len=context)
 
     @property
     def max_len(self) -> int:
