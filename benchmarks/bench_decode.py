@@ -120,8 +120,8 @@ def llamacpp_rounds(llm, prompts: list[list[int]], tokens: int) -> dict:
 
 def quality(model, tokenizer, rows: int) -> dict:
     """Greedy agreement of each weight format with fp32 on the main job's held-out prompts (adapter a0)."""
-    from lorakit.training.data import read_jsonl
     from lorakit.training.evaluate import prompt_text, stop_token_ids
+    from lorakit.training.jsonl import read_jsonl
 
     data = read_jsonl(ROOT / "examples/data/orders_eval.jsonl")[:rows]
     ids = [tokenizer(prompt_text(r, tokenizer, True)[0], add_special_tokens=False)["input_ids"] for r in data]

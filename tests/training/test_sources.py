@@ -8,8 +8,9 @@ import pytest
 from train_helpers import write_jsonl
 
 from lorakit.errors import DataError
+from lorakit.training.data import split_train_eval
 from lorakit.training.formats import RowSpec
-from lorakit.training.sources import DatasetRows, read_rows, split_rows
+from lorakit.training.sources import DatasetRows, read_rows
 
 datasets = pytest.importorskip("datasets")
 
@@ -115,11 +116,11 @@ def test_missing_file_glob_and_unknown_extension_are_clear(tmp_path):
 def test_eval_split_holds_out_a_seeded_disjoint_share_and_stays_lazy(tmp_path):
     datasets.Dataset.from_list([{"text": f"row {i}"} for i in range(50)]).to_parquet(tmp_path / "t.parquet")
     rows = read_rows(tmp_path / "t.parquet")
-    train, held = split_rows(rows, 0.1, seed=3)
+    train, held = split_train_eval(rows, 0.1, seed=3)
     assert isinstance(train, DatasetRows) and (len(train), len(held)) == (45, 5)
     seen = [r.data["text"] for r in train] + [r.data["text"] for r in held]
     assert sorted(seen) == sorted(f"row {i}" for i in range(50))
-    assert [r.data["text"] for r in split_rows(rows, 0.1, seed=3)[1]] == [r.data["text"] for r in held]
+    assert [r.data["text"] for r in split_train_eval(rows, 0.1, seed=3)[1]] == [r.data["text"] for r in held]
 
 
 def test_large_file_is_scanned_with_bounded_python_memory(tmp_path):
