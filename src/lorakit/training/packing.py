@@ -14,6 +14,9 @@ longest first, goes into the fullest row it still fits) and keeps them independe
 A packed micro-batch therefore has the same learned tokens, the same logits at them and so the same summed loss
 and gradients as the same examples padded (tested to 1e-5 in fp32). The tail of a row that no example fills is
 padding: its own segment (positions restarting), ``IGNORE_INDEX`` labels.
+
+`pack` decides the rows from the examples' lengths alone; `PackedRows` concatenates a row when a batch reads it,
+so packing keeps no second copy of the tokens (they stay in the on-disk token store).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class PackedRows(Sequence[PackedRow]):
 
     def __init__(self, examples: Sequence[Example], members: np.ndarray, starts: np.ndarray) -> None:
         self.examples, self.members, self.starts = examples, members, starts
-        self.lengths = np.add.reduceat(np.asarray(lengths_of(examples))[members], starts[:-1]) if len(members) else []
+        lengths = np.asarray(lengths_of(examples), dtype=np.int64)[members]
+        self.lengths = np.add.reduceat(lengths, starts[:-1]) if len(members) else np.zeros(0, np.int64)  # per row
 
     def __len__(self) -> int:
         return len(self.starts) - 1
