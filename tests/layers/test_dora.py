@@ -205,12 +205,6 @@ def test_train_flags_reach_the_lora_config() -> None:
         config_from_args(parser.parse_args(["--init-lora-weights", "pissa_niter_x"]))
 
 
-def test_dora_on_embeddings_is_refused_with_the_fix(tiny_llama) -> None:
-    with pytest.raises(ConfigError, match="linear layers"):
-        lorakit.add_adapter(tiny_llama, LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True))
-    assert lorakit.list_adapters(tiny_llama) == []
-
-
 def test_default_model_dora_logits_equal_peft_both_ways(default_model, default_model_dir, tmp_path) -> None:
     """The embedded SmolLM2-135M-Instruct with DoRA on q/k/v/o: PEFT's adapter here, ours in PEFT."""
     from lorakit.models import load_model
