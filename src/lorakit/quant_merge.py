@@ -105,8 +105,7 @@ def _with_adapters(layer: LoraLayer, names: list[str], weight: Tensor) -> Tensor
     for n in names:
         if n not in layer.r:
             continue
-        is_dora = getattr(layer, "is_dora", None)
-        if is_dora is not None and is_dora(n):
+        if layer.is_dora(n):
             weight = dora.merged_weight(layer, n, weight, base)[0]
         else:
             weight = weight + layer.delta_weight(n).to(weight.device)
