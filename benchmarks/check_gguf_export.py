@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,10 +97,13 @@ def main() -> None:
         results["control: lorakit + adapter vs lorakit base"] = _row(expected["adapter"], expected["base"])
     report_unmerge = unmerge_figures(base_name, adapter)
     report = {
-        "command": "python benchmarks/check_gguf_export.py",
+        "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": _commit(),
+        "threads": args.threads,
+        "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
         "llama_cpp_python": _version("llama-cpp-python"),
         "adapter": str(adapter.relative_to(ROOT) if adapter.is_relative_to(ROOT) else adapter),
         "base_gguf": base.gguf_path.name,
@@ -138,6 +143,14 @@ def unmerge_figures(model_name: str, adapter: Path) -> dict:
 def _row(a: list[list[int]], b: list[list[int]]) -> dict:
     found = agreement(a, b)
     return {"rows": found.rows, "identical": found.identical, "fraction": round(found.fraction, 4)}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _version(dist: str) -> str | None:

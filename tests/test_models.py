@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit import model_cache, models
+from lorakit import hf_loading, model_cache
 from lorakit.errors import ConfigError, FormatError, ModelNotFoundError
 from lorakit.models import (
     EMBEDDED_MODELS,
@@ -34,7 +34,7 @@ def forbid_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(path):
         raise AssertionError(f"the GGUF file {path} was converted again instead of read from the cache")
 
-    monkeypatch.setattr(models, "_convert_gguf", fail)
+    monkeypatch.setattr(hf_loading, "convert_gguf", fail)
 
 
 def link_copy(src: Path, dst: Path) -> None:
@@ -102,13 +102,13 @@ def test_gguf_path_replaces_a_truncated_cache_with_a_faithful_conversion(
     leftover.mkdir()
 
     converted = []
-    real_convert = models._convert_gguf
+    real_convert = hf_loading.convert_gguf
 
     def spy(path):
         converted.append(real_convert(path))
         return converted[-1]
 
-    monkeypatch.setattr(models, "_convert_gguf", spy)
+    monkeypatch.setattr(hf_loading, "convert_gguf", spy)
     model, _ = load_model(gguf, cache_dir=tmp_path)
     assert len(converted) == 1, "the truncated cache was trusted"
     stderr = capfd.readouterr().err
@@ -182,7 +182,7 @@ def test_cache_false_converts_in_memory_and_writes_nothing(default_model_dir, ti
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     tokenizer.pad_token = None
-    monkeypatch.setattr(models, "_convert_gguf", lambda path: (tiny_llama, tokenizer))  # the real one: above
+    monkeypatch.setattr(hf_loading, "convert_gguf", lambda path: (tiny_llama, tokenizer))  # the real one: above
     model, loaded_tokenizer = load_model("smollm2", cache_dir=tmp_path, cache=False, dtype="bf16")
     assert model is tiny_llama and model.dtype == torch.bfloat16 and loaded_tokenizer.pad_token == "<|im_end|>"
     assert list(tmp_path.iterdir()) == []

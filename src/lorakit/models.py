@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lorakit import hub, model_cache
-from lorakit.errors import ConfigError, FormatError, HubError, ModelNotFoundError
+from lorakit import hf_loading, hub, model_cache
+from lorakit.errors import ConfigError, HubError, ModelNotFoundError
 from lorakit.model_placement import pick_dtype, placement
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def _ensure_cached(source: ModelSource, cache_dir: str | os.PathLike[str] | None
     if source.kind == "hf_dir":
         return source.path
     target = cache_path(source, cache_dir)
-    model_cache.build_if_needed(source.path, target, _convert_gguf)
+    model_cache.build_if_needed(source.path, target, hf_loading.convert_gguf)
     return target
 
 
@@ -246,14 +246,14 @@ def load_model(
     where = placement(device)
     if source.kind == "hub":
         folder = _fetch(source)
-        model, tokenizer = _load_hf_dir(folder, pick_dtype(dtype, folder, where), where)
+        model, tokenizer = hf_loading.load_hf_dir(folder, pick_dtype(dtype, folder, where), where)
     elif source.kind == "hf_dir":
-        model, tokenizer = _load_hf_dir(source.path, pick_dtype(dtype, source.path, where), where)
+        model, tokenizer = hf_loading.load_hf_dir(source.path, pick_dtype(dtype, source.path, where), where)
     elif cache:
         folder = _ensure_cached(source, cache_dir)
-        model, tokenizer = _load_hf_dir(folder, pick_dtype(dtype, folder, where), where)
+        model, tokenizer = hf_loading.load_hf_dir(folder, pick_dtype(dtype, folder, where), where)
     else:
-        model, tokenizer = _convert_gguf(source.path)
+        model, tokenizer = hf_loading.convert_gguf(source.path)
         model = model.to(pick_dtype(dtype, None, where))
         if where is not None:
             model = model.to(where)
@@ -331,67 +331,3 @@ def _not_found_message(text: str, path: Path) -> str:
         f"model folder (config.json + model.safetensors or pytorch_model.bin, plus a tokenizer) or a .gguf "
         f"file, or a Hub id (Org/Name, e.g. Qwen/Qwen2.5-0.5B-Instruct)."
     )
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError(
-            f"Loading models needs transformers, which is not importable ({e}). "
-            f"Install lorakit's model extra: pip install 'lorakit[hf]'"
-        ) from e
-    return transformers
-
-
-def _dtype_kwarg(transformers: Any, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    major, minor = (int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def _load_hf_dir(path: Path, dtype: torch.dtype, where: Any = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    transformers = _transformers()
-    kwargs = {"local_files_only": True, **_dtype_kwarg(transformers, dtype)}
-    if where == "auto-map":
-        kwargs["device_map"] = "auto"
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise FormatError(f"transformers could not load a causal LM from {path}: {e}") from e
-    if isinstance(where, torch.device):
-        model = model.to(where)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise FormatError(
-            f"{path} has model weights but no loadable tokenizer ({str(e).splitlines()[0]}); save the "
-            f"model's tokenizer next to them with tokenizer.save_pretrained({str(path)!r})."
-        ) from e
-    return model, tokenizer
-
-
-def _convert_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Dequantizes a GGUF file to an fp32 model + tokenizer in memory, ready for ``save_pretrained``."""
-    transformers = _transformers()
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"Reading {gguf_path.name} needs the gguf package: pip install 'lorakit[hf]'")
-    kwargs = {"gguf_file": gguf_path.name, "local_files_only": True}
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, **kwargs, **_dtype_kwarg(transformers, torch.float32)
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise FormatError(
-            f"transformers could not read the GGUF file {gguf_path}: {str(e).rstrip('.')}. It dequantizes "
-            f"the architectures and quantization types listed in its GGUF docs; convert others yourself."
-        ) from e
-    # The weights are plain fp32 now, but the model still claims GGUF quantization and save_pretrained refuses
-    # ("The model is quantized with gguf and is not serializable"): drop the claim.
-    model.hf_quantizer = None
-    for flag, value in (("is_quantized", False), ("quantization_method", None)):
-        if flag in vars(model):  # plain attributes in transformers 4.x/5.x; a property would follow hf_quantizer
-            setattr(model, flag, value)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
