@@ -268,16 +268,17 @@ class LoraLayer(nn.Module):
         DoRA's norm is of the weight without merged adapters (``weight_before_merge`` once one is merged), as
         the forward pass and PEFT take it.
         """
-        if self.is_dora(name):
-            delta, _ = dora.merged_weight(self, name, weight, self.weight_before_merge)
-        else:
-            delta = self.delta_weight(name)
-        if not torch.isfinite(delta).all():
+        dora_adapter = self.is_dora(name)
+        if dora_adapter:  # the whole new weight
+            new = dora.merged_weight(self, name, weight, self.weight_before_merge)[0]
+        else:  # the update
+            new = self.delta_weight(name)
+        if not torch.isfinite(new).all():
             raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
-        if self.is_dora(name):
-            weight.copy_(delta.to(weight.dtype))
+        if dora_adapter:
+            weight.copy_(new.to(weight.dtype))
         else:
-            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            weight.add_(new.to(device=weight.device, dtype=weight.dtype))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

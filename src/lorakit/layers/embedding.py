@@ -46,7 +46,7 @@ class LoraEmbedding(LoraLayer):
 
     @property
     def weight_in_out(self) -> bool:
-        return True  # (num_embeddings, dim): a token's row is what the branch adds to
+        return True  # (num_embeddings, dim): tokens play the inputs, dimensions the outputs
 
     def lora_forward(self, x: Tensor, name: str, dropout: bool = True) -> Tensor:
         base = self.base_layer
