@@ -17,8 +17,8 @@ LEVELS = {
     "inject": 2, "state": 2, "adapters": 2, "merging": 2, "model_state": 2,
     "io": 3, "arith": 3, "quant_merge": 3, "hub": 3, "model_card": 3,
     "default_targets": 0,
-    "models": 4, "model_cache": 4, "hf_loading": 4, "model_placement": 4, "training": 4, "serve": 4, "plots": 4,
-    "inference": 4,
+    "models": 4, "model_cache": 4, "hf_loading": 4, "model_placement": 4,
+    "training": 4, "serve": 4, "plots": 4, "inference": 4,
     "__init__": 4,  # the public API re-exports (models, train and serve may use it)
     "export": 5, "runtimes": 5,  # GGUF / flat-PEFT export and the serving-runtime rules (use models)
     "commands": 6, "cli": 6,
