@@ -163,8 +163,8 @@ def quality(model, tokenizer, rows: int, open_prompts: list[list[int]], formats:
     (the int8 round trip of every weight, computed in fp32) to tell the weight rounding from the kernel's bf16
     activations.
     """
-    from lorakit.training.data import read_jsonl
     from lorakit.training.evaluate import prompt_text, stop_token_ids
+    from lorakit.training.jsonl import read_jsonl
 
     data = read_jsonl(ROOT / "examples/data/orders_eval.jsonl")[:rows]
     ids = [tokenizer(prompt_text(r, tokenizer, True)[0], add_special_tokens=False)["input_ids"] for r in data]

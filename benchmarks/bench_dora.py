@@ -2,14 +2,19 @@
 
 Model: a random Llama with SmolLM2-135M's layer shapes (hidden 576, MLP 1536, 9 heads / 3 KV heads), 4 blocks,
 vocabulary 4096; DoRA r=16 on every linear layer (q, k, v, o, gate, up, down), dropout 0; fp32 on the CPU.
-Both libraries start from the same base weights and the same adapter tensors.
+Both libraries start from the same base weights and the same adapter tensors (PEFT's, copied into lorakit's
+layers), so ``max_logit_diff_vs_peft`` is a correctness check of the benchmarked models.
 
 - step time: forward + backward of one batch, the two libraries alternating, median and range of the ratio
   over ``--repeats`` pairs (the box is shared, so single timings are noisy; the ratio of neighbours is not);
 - saved for backward: bytes of the distinct non-parameter storages autograd keeps (deterministic);
-- peak RSS: one step in a fresh process per library (alternating), ``ru_maxrss`` minus the RSS before the step.
+- peak RSS: two training steps in a fresh process per library and repeat, the libraries alternating; the
+  process's peak RSS (``VmHWM``) is reset after the model and adapter are built (``/proc/self/clear_refs``), so
+  the growth is what the steps themselves need (activations, temporaries, gradients); median and range over
+  ``--rss-repeats`` processes per library. torch has no CPU allocator statistics, hence RSS.
+- load averages (1/5/15 min) at the start and the end go into the file: they say how busy the box was.
 
-Run: OMP_NUM_THREADS=2 python benchmarks/bench_dora.py [--batch 4] [--seq 128] [--repeats 7]
+Run: OMP_NUM_THREADS=2 python benchmarks/bench_dora.py [--batch 2] [--seq 64] [--repeats 5] [--rss-repeats 3]
 Writes benchmarks/results/dora.json.
 """
 
@@ -19,6 +24,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import os
 import platform
 import resource
 import statistics
@@ -64,6 +70,23 @@ def build(lib: str, base=None):
     return model, params
 
 
+@torch.no_grad()
+def copy_adapter(peft_model, model) -> None:
+    """Put PEFT's adapter tensors into lorakit's layers (same keys but for PEFT's prefix and magnitude suffix)."""
+    import lorakit
+
+    theirs = {}
+    for key, p in peft_model.named_parameters():
+        if "lora_" in key:
+            key = key.removeprefix("base_model.model.")
+            theirs[key.removesuffix(".weight") if "magnitude" in key else key] = p
+    ours = lorakit.adapter_state_dict(model, "default")
+    if sorted(ours) != sorted(theirs):
+        raise RuntimeError(f"adapter keys differ: {sorted(set(ours) ^ set(theirs))[:4]}")
+    for key, p in ours.items():
+        p.copy_(theirs[key])
+
+
 def step(model, ids) -> None:
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -94,31 +117,44 @@ def rss_worker(lib: str, batch: int, seq: int) -> None:
     import gc
 
     gc.collect()
-    before = _rss_bytes()  # model and adapter built, no step yet
+    probe = "VmHWM reset by /proc/self/clear_refs"
+    try:  # the peak so far covers building the model: start it again from the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # then ru_maxrss, which may hide a step that needs less than the build did
+        probe = "ru_maxrss (clear_refs not writable: growth is a lower bound)"
+    before = _status_kib("VmRSS") * 1024  # model and adapter built, no step yet
     step(model, ids)
     step(model, ids)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": max(peak - before, 0), "peak": peak, "before": before}))
+    peak = _status_kib("VmHWM") * 1024
+    if probe.startswith("ru_maxrss"):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"growth": max(peak - before, 0), "peak": peak, "before": before, "probe": probe}))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rss-repeats", type=int, default=3)
     parser.add_argument("--worker", choices=["lorakit", "peft"])
     args = parser.parse_args()
     if args.worker:
         rss_worker(args.worker, args.batch, args.seq)
         return
+    load_start = os.getloadavg()
     base = base_model()
     models = {lib: build(lib, base)[0] for lib in ("lorakit", "peft")}
+    copy_adapter(models["peft"], models["lorakit"])
     ids = torch.randint(0, 4096, (args.batch, args.seq), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         diff = (models["lorakit"](ids).logits - models["peft"](ids).logits).abs().max().item()
@@ -134,15 +170,11 @@ def main() -> None:
     print("step times", times, flush=True)
     saved = {lib: saved_bytes(m, ids) for lib, m in models.items()}
     print("saved bytes", saved, flush=True)
-    rss: dict[str, list[int]] = {"lorakit": [], "peft": []}  # --rss-repeats 0 skips this part
-    for i in range(args.rss_repeats):
-        for lib in ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit"):
-            cmd = [sys.executable, __file__, "--worker", lib, "--batch", str(args.batch), "--seq", str(args.seq)]
-            rss[lib].append(json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])["growth"])
-            print("rss", lib, rss[lib][-1], flush=True)
+    rss, probe = measure_rss(args)
     mib = 2**20
     rss_report = {lib: {"median": round(statistics.median(v) / mib, 1), "min": round(min(v) / mib, 1),
                         "max": round(max(v) / mib, 1)} for lib, v in rss.items() if v}  # fmt: skip
+    rss_ratios = [a / b for a, b in zip(rss["lorakit"], rss["peft"])]
     result = {
         "command": "python benchmarks/bench_dora.py " + " ".join(sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -156,9 +188,27 @@ def main() -> None:
         "saved_for_backward_mib": {lib: round(b / mib, 1) for lib, b in saved.items()},
         "saved_ratio_lorakit_over_peft": round(saved["lorakit"] / saved["peft"], 3),
         "peak_rss_growth_mib": rss_report or "not measured (--rss-repeats 0)",
+        "peak_rss_probe": probe,
+        "peak_rss_ratio_lorakit_over_peft": {"median": statistics.median(rss_ratios), "min": min(rss_ratios),
+                                             "max": max(rss_ratios)} if rss_ratios else None,
+        "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
     }  # fmt: skip
     OUT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
+
+
+def measure_rss(args) -> tuple[dict[str, list[int]], str]:
+    """Peak-RSS growth per library, one fresh process each, alternating (``--rss-repeats 0`` skips it)."""
+    rss: dict[str, list[int]] = {"lorakit": [], "peft": []}
+    probe = ""
+    for i in range(args.rss_repeats):
+        for lib in ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit"):
+            cmd = [sys.executable, __file__, "--worker", lib, "--batch", str(args.batch), "--seq", str(args.seq)]
+            report = json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])
+            rss[lib].append(report["growth"])
+            probe = report["probe"]
+            print("rss", lib, report, flush=True)
+    return rss, probe
 
 
 if __name__ == "__main__":

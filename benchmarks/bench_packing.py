@@ -1,39 +1,37 @@
-"""Packing vs padding on variable-length data: tokens/s, padding waste and the loss curve.
+"""Packing vs padding on variable-length data, on the embedded SmolLM2-135M-Instruct: tokens/s, padding waste, loss.
 
 Data: text rows whose token lengths are log-uniform between 20 and ``--max-length`` (as in SFT data: many short
-rows, a long tail), tokenized with the embedded model's tokenizer; every token is learned. Three ways to batch
-the same examples for one epoch, from the same adapter initialisation, each a full training step (forward,
-backward, AdamW) through lorakit's own collation and loss:
+rows, a long tail), tokenized with the model's own tokenizer; every token is learned. Two ways to batch the same
+examples, each trained from the same adapter initialisation with its own AdamW, every step a full training step
+(forward, backward, AdamW) through lorakit's own collation and loss:
 
 - ``padded``: random batches of ``--batch`` examples, right-padded to the longest (``--no-group-by-length``);
-- ``grouped``: ``--group-by-length`` batches (similar lengths together, then padded);
 - ``packed``: ``--packing``, rows of ``max_length`` tokens, ``--packed-batch`` rows per step (default: the
-  padded batch's real tokens on average), attention confined to each example.
+  padded batch's real tokens on average), attention confined to each example;
+- (``grouped``, ``--group-by-length`` then padded, with ``--modes padded,grouped,packed``.)
 
-Modes alternate within each repetition (the order rotates), and tokens/s (real, non-padding tokens per second
-of training) is reported as the median and range over repetitions, with each mode's ratio to ``padded``. The
-loss curve is the train loss against real tokens seen; the eval loss after the epoch is on held-out rows,
-unpacked, for all three.
+Kept short for a shared CPU box: ``--rounds`` rounds; in each, every mode (the order rotates) runs ``--steps``
+steps, continuing its own run (adapter and optimizer state carried over). Tokens/s (real, non-padding tokens per
+second of training) is reported per round as the median and range, with the ratio to ``padded`` of the same round.
+The loss curve is each mode's train loss against real tokens seen; at the end each mode's adapter is scored on
+held-out rows (eval loss, unpacked). Before training, one batch of examples is run padded and packed through the
+model: the two losses must agree (fp32), which is what makes the curves comparable.
 
-Models: ``--model tiny-llama`` (the default) is a randomly initialised 6-layer Llama (hidden 256, 4 heads,
-character vocabulary of 128: the decoder dominates the cost, as in a real LLM); the data is character ids. Any
-name ``lorakit.load_model`` takes (``smollm2-135m-instruct``) runs on that model and its tokenizer instead (on a
-shared 2-core box that takes far longer than a few minutes).
+Models: ``--model smollm2-135m-instruct`` (the default; ``lorakit.load_model``, the embedded GGUF converted once and
+cached) or ``--model tiny-llama``, a randomly initialised 6-layer Llama over character ids (seconds, not minutes).
 
-Run: python benchmarks/bench_packing.py [--reps 3] [--examples 64] [--max-length 256] [--model tiny-llama]
-Writes benchmarks/results/packing.json and prints a Markdown table.
+Run: OMP_NUM_THREADS=2 python benchmarks/bench_packing.py --threads 2
+Writes benchmarks/results/packing.json (with provenance: machine, load averages, date, commit, command) and prints
+a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -47,8 +45,14 @@ from lorakit.training.evaluate import eval_loss
 from lorakit.training.loss import causal_lm_loss
 from lorakit.training.packing import collate_packed, pack, padding_waste
 
-MODES = ("padded", "grouped", "packed")
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, provenance, spread, write_results  # noqa: E402
+
 WORDS = "zero one two three four five six seven eight nine".split()
+NOTE = (
+    "shared 2-core box: the lead's benchmarks and other helpers' tests ran at the same time (load averages in "
+    "provenance); modes alternate within each round, so compare the per-round ratios, not absolute tokens/s"
+)
 
 
 def make_examples(tokenizer, n: int, max_length: int, seed: int) -> list[Example]:
@@ -68,30 +72,61 @@ def batches(mode: str, examples: list[Example], batch: int, packed_batch: int, m
     """The epoch's batches of ``mode`` as lists of rows (examples or packed rows)."""
     if mode == "packed":
         rows = pack(examples, max_length)
-        order = batch_order([len(r) for r in rows], packed_batch, seed, 0, group_by_length=False)
+        order = batch_order(rows.lengths, packed_batch, seed, 0, group_by_length=False)
         return [[rows[i] for i in idx] for idx in order]
     order = batch_order([len(e) for e in examples], batch, seed, 0, group_by_length=mode == "grouped")
     return [[examples[i] for i in idx] for idx in order]
 
 
-def run_epoch(model, mode: str, plan, pad_id: int, init: dict, lr: float) -> dict:
-    load_adapter_state_dict(model, init, "default")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    curve, tokens, seconds = [], 0, 0.0
-    for rows in plan:
-        batch = collate_packed(rows, pad_id) if mode == "packed" else collate(rows, pad_id)
-        n_learned = int((batch["labels"][:, 1:] != -100).sum())
-        t0 = time.perf_counter()
-        loss = causal_lm_loss(model, batch, reduction="sum") / n_learned
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seconds += time.perf_counter() - t0
-        tokens += sum(len(r) for r in rows)
-        curve.append((tokens, round(float(loss.detach()), 4)))
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "curve": curve}
+def to_batch(mode: str, rows, pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_packed(rows, pad_id) if mode == "packed" else collate(rows, pad_id)
+
+
+class Run:
+    """One mode's training run, resumable across rounds: its adapter, optimizer, plan position and curve."""
+
+    def __init__(self, mode: str, plan: list, init: dict[str, torch.Tensor], lr: float) -> None:
+        self.mode, self.plan, self.lr = mode, plan, lr
+        self.state = {k: v.clone() for k, v in init.items()}
+        self.opt_state: dict | None = None
+        self.position, self.tokens, self.curve, self.rounds = 0, 0, [], []
+
+    def steps(self, model, n: int, pad_id: int) -> None:
+        """Train ``n`` more steps (wrapping around the plan); records this round's tokens/s."""
+        load_adapter_state_dict(model, self.state, "default")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr)
+        if self.opt_state is not None:
+            opt.load_state_dict(self.opt_state)
+        model.train()
+        tokens, seconds = 0, 0.0
+        for _ in range(n):
+            rows = self.plan[self.position % len(self.plan)]
+            self.position += 1
+            batch = to_batch(self.mode, rows, pad_id)
+            n_learned = int((batch["labels"][:, 1:] != -100).sum())
+            t0 = time.perf_counter()
+            loss = causal_lm_loss(model, batch, reduction="sum") / n_learned
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - t0
+            tokens += sum(len(r) for r in rows)
+            self.tokens += sum(len(r) for r in rows)
+            self.curve.append((self.tokens, round(float(loss.detach()), 4)))
+        self.rounds.append(tokens / seconds)
+        self.state = {k: v.detach().clone() for k, v in adapter_state_dict(model, "default").items()}
+        self.opt_state = opt.state_dict()
+
+
+@torch.no_grad()
+def same_loss_check(model, examples: list[Example], pad_id: int, max_length: int) -> dict[str, float]:
+    """The summed loss of the same examples, padded and packed (fp32): they must agree."""
+    model.eval()
+    padded = causal_lm_loss(model, collate(examples, pad_id), reduction="sum")
+    packed = causal_lm_loss(model, collate_packed(list(pack(examples, max_length)), pad_id), reduction="sum")
+    return {"padded_loss_sum": float(padded), "packed_loss_sum": float(packed),
+            "relative_difference": abs(float(packed) - float(padded)) / abs(float(padded))}  # fmt: skip
 
 
 def load(name: str):
@@ -106,20 +141,28 @@ def load(name: str):
     return LlamaForCausalLM(config), None
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--modes", default="padded,packed")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="steps per mode per round")
+    ap.add_argument("--examples", type=int, default=48)
     ap.add_argument("--eval-examples", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--packed-batch", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "packing.json"))
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
+    prov = provenance()
     torch.set_num_threads(a.threads)
+    modes = tuple(a.modes.split(","))
     model, tok = load(a.model)
     torch.manual_seed(0)
     lorakit.add_adapter(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
@@ -130,54 +173,51 @@ def main() -> None:
     train, held = examples[: a.examples], examples[a.examples :]
     mean_len = statistics.mean(len(e) for e in train)
     packed_batch = a.packed_batch or max(1, round(a.batch * mean_len / a.max_length))
-    plans = {m: batches(m, train, a.batch, packed_batch, a.max_length, seed=0) for m in MODES}
-    waste = {m: padding_waste([len(e) for e in train], [[len(r) for r in rows] for rows in plans[m]]) for m in MODES}
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
-    for m in MODES:  # warm-up (allocator, first-call overheads), not timed
-        run_epoch(model, m, plans[m][:1], pad_id, init, a.lr)
-    for rep in range(a.reps):
-        for m in MODES[rep % 3 :] + MODES[: rep % 3]:
-            r = run_epoch(model, m, plans[m], pad_id, init, a.lr)
-            model.eval()
-            r["eval_loss"] = eval_loss(model, held, pad_id, 8)
-            runs[m].append(r)
-            print(f"rep {rep} {m:8s} {r['tokens_per_s']:7.1f} tok/s  eval loss {r['eval_loss']:.4f}", flush=True)
-    report(a, runs, waste, plans, packed_batch, mean_len)
+    plans = {m: batches(m, train, a.batch, packed_batch, a.max_length, seed=0) for m in modes}
+    waste = {m: padding_waste([len(e) for e in train], [[len(r) for r in rows] for rows in plans[m]]) for m in modes}
+    check = same_loss_check(model, train[: a.batch * 2], pad_id, a.max_length)
+    print(f"same examples, padded vs packed loss: relative difference {check['relative_difference']:.2e}", flush=True)
+    runs = {m: Run(m, plans[m], init, a.lr) for m in modes}
+    warm = {m: Run(m, plans[m], init, a.lr) for m in modes}
+    for m in modes:  # warm-up (allocator, first-call overheads), not recorded
+        warm[m].steps(model, 1, pad_id)
+    for rnd in range(a.rounds):
+        for m in modes[rnd % len(modes) :] + modes[: rnd % len(modes)]:
+            runs[m].steps(model, a.steps, pad_id)
+            print(f"round {rnd} {m:8s} {runs[m].rounds[-1]:7.1f} tok/s  loss {runs[m].curve[-1][1]:.4f}", flush=True)
+    evals = {}
+    for m in modes:
+        load_adapter_state_dict(model, runs[m].state, "default")
+        evals[m] = eval_loss(model, held, pad_id, 8)
+    load_adapter_state_dict(model, init, "default")
+    evals["base"] = eval_loss(model, held, pad_id, 8)
+    report(a, prov, runs, waste, plans, packed_batch, mean_len, check, evals)
 
 
-def report(a, runs, waste, plans, packed_batch, mean_len) -> None:
-    base = [r["tokens_per_s"] for r in runs["padded"]]
+def report(a, prov, runs, waste, plans, packed_batch, mean_len, check, evals) -> None:
+    base = runs["padded"].rounds
     summary = {}
-    for m, rs in runs.items():
-        tps = [r["tokens_per_s"] for r in rs]
-        ratios = [t / b for t, b in zip(tps, base)]
-        summary[m] = {"tokens_per_s_median": round(statistics.median(tps), 1),
-                      "tokens_per_s_range": [round(min(tps), 1), round(max(tps), 1)],
-                      "ratio_vs_padded_median": round(statistics.median(ratios), 3),
-                      "ratio_vs_padded_range": [round(min(ratios), 3), round(max(ratios), 3)],
-                      "padding_waste": round(waste[m], 4), "steps_per_epoch": len(plans[m]),
-                      "eval_loss_after_epoch": [round(r["eval_loss"], 4) for r in rs],
-                      "loss_curve_rep0": rs[0]["curve"]}  # fmt: skip
-    out = {"benchmark": "bench_packing", "date": datetime.date.today().isoformat(),
-           "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                       "cpus": os.cpu_count(), "torch": torch.__version__, "threads": a.threads,
-                       "note": "shared 2-core box (other jobs running): compare ratios, not absolute tokens/s"},
-           "model": a.model, "examples": a.examples, "mean_length": round(mean_len, 1), "max_length": a.max_length,
-           "batch": a.batch, "packed_batch": packed_batch, "reps": a.reps, "lr": a.lr, "results": summary}  # fmt: skip
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(a.out)
-    print(f"\n{a.examples} examples, lengths 20..{a.max_length} (mean {mean_len:.0f}), {a.reps} reps, "
-          f"{a.threads} thread(s), {a.model}\n")  # fmt: skip
-    print("| batching | padding waste | steps/epoch | tokens/s (median, range) | vs padded | eval loss after 1 epoch |")
-    print("|---|---|---|---|---|---|")
+    for m, r in runs.items():
+        ratios = [t / b for t, b in zip(r.rounds, base)]
+        summary[m] = {"tokens_per_s": spread([round(t, 1) for t in r.rounds]),
+                      "ratio_vs_padded": spread([round(x, 3) for x in ratios]),
+                      "padding_waste": round(waste[m], 4), "batches_per_epoch": len(plans[m]),
+                      "real_tokens_trained": r.tokens, "eval_loss_after": round(evals[m], 4),
+                      "loss_curve": r.curve}  # fmt: skip
+    out = {"benchmark": "bench_packing", "note": NOTE, "provenance": finish(prov), "model": a.model,
+           "threads": a.threads, "examples": a.examples, "mean_length": round(mean_len, 1),
+           "max_length": a.max_length, "batch": a.batch, "packed_batch": packed_batch, "rounds": a.rounds,
+           "steps_per_round": a.steps, "lr": a.lr, "same_loss_check": check,
+           "eval_loss_base": round(evals["base"], 4), "results": summary}  # fmt: skip
+    write_results(a.out, out)
+    print(f"\n{a.model}: {a.examples} examples, lengths 20..{a.max_length} (mean {mean_len:.0f}), {a.rounds} rounds x "
+          f"{a.steps} steps per mode, {a.threads} thread(s)\n")  # fmt: skip
+    print("| batching | padding waste | tokens/s (median, range) | vs padded (median, range) | eval loss after |")
+    print("|---|---|---|---|---|")
     for m, s in summary.items():
-        lo, hi = s["tokens_per_s_range"]
-        rlo, rhi = s["ratio_vs_padded_range"]
-        print(f"| {m} | {100 * s['padding_waste']:.1f}% | {s['steps_per_epoch']} | {s['tokens_per_s_median']:.0f} "
-              f"({lo:.0f}-{hi:.0f}) | {s['ratio_vs_padded_median']:.2f}x ({rlo:.2f}-{rhi:.2f}) | "
-              f"{statistics.median(s['eval_loss_after_epoch']):.3f} |")  # fmt: skip
+        t, r = s["tokens_per_s"], s["ratio_vs_padded"]
+        print(f"| {m} | {100 * s['padding_waste']:.1f}% | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
+              f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}) | {s['eval_loss_after']:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def score_checkpoints(model, tokenizer, run_dir: Path, steps: list[int], eval_fi
 
     from lorakit.io.peft_format import from_peft_state
     from lorakit.state import adapter_state_dict, load_adapter_state_dict
-    from lorakit.training.data import read_jsonl
     from lorakit.training.evaluate import generation_eval
+    from lorakit.training.jsonl import read_jsonl
 
     rows, out = read_jsonl(eval_file), {}
     expected = list(adapter_state_dict(model, "default"))

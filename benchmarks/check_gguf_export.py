@@ -1,6 +1,6 @@
 """Does llama.cpp run lorakit's GGUF exports like lorakit? Greedy agreement on the main job's held-out prompts.
 
-    python benchmarks/check_gguf_export.py [--adapter runs/orders] [--prompts 100] [--max-new 48]
+    python benchmarks/check_gguf_export.py [--adapter runs/orders] [--prompts 100] [--max-new 48] [--threads 1]
 
 Uses the main job's adapter (``runs/orders``, made by ``bash scripts/main_job.sh``) and the embedded default
 model's own GGUF file (SmolLM2-135M-Instruct, Q4_1). For each variant it generates greedily with lorakit

@@ -36,8 +36,8 @@ def child(config: str, steps: int, seed: int, run_dir: str) -> dict:
     """
     from lorakit.models import load_model
     from lorakit.training import run_training
-    from lorakit.training.data import read_jsonl
     from lorakit.training.evaluate import generation_eval
+    from lorakit.training.jsonl import read_jsonl
     from lorakit.training.precision import choose_threads, make_autocast
     from lorakit.training.train_config import build_config
 

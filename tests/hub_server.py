@@ -8,7 +8,7 @@ Reusable for any repository type (models, datasets, spaces)::
         sha = hub.add_repo("org/tiny", {"config.json": b"{}", "model.safetensors": data})
         hub.add_repo("org/tiny", {...}, revision="v2")          # another branch/tag of the same repo
         hub.add_repo("org/private", files, gated=True, token="hf_secret")  # 401 without the token
-        hub.add_repo("org/rows", {"train.jsonl": b"..."}, repo_type="dataset")
+        hub.add_repo("org/rows", {"data/train-0.jsonl": b"..."}, repo_type="dataset")  # datasets.load_dataset
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         ...
         hub.requests       # [(method, path), ...] of every request served, in order
@@ -17,7 +17,8 @@ Reusable for any repository type (models, datasets, spaces)::
 What it implements (read from huggingface_hub's own client code, so the client needs no patching):
 
 - ``GET /api/{models,datasets,spaces}/{repo}[/revision/{rev}]``: repo info with ``sha`` and ``siblings``.
-- ``GET /api/{type}s/{repo}/tree/{rev}[/{path}]``: the file listing (one page; ``recursive`` honoured).
+- ``GET /api/{type}s/{repo}/tree/{rev}[/{path}]``: the listing (one page; ``recursive`` honoured), folders as
+  ``type: directory`` entries as the Hub lists them (``datasets`` walks them to find ``data/train-*`` files).
 - ``HEAD|GET /[datasets/|spaces/]{repo}/resolve/{rev}/{file}``: the file, with ``X-Repo-Commit``, ``ETag``
   (git-sha1 of the bytes, or the sha256 for files over ``lfs_threshold``, with ``X-Linked-Etag`` /
   ``X-Linked-Size``), ``Content-Length`` and ``Range`` support.
@@ -199,7 +200,10 @@ class _Handler(BaseHTTPRequestHandler):
         if rest and rest[0] == "tree":
             prefix = "/".join(rest[2:])
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
-            self._json([self._tree_entry(n, b) for n, b in sorted(files.items()) if _under(n, prefix, recursive)], head)
+            entries = [{"type": "directory", "path": d, "oid": _git_sha1(d.encode())} for d in _folders(files, prefix)
+                       if recursive or "/" not in d[len(prefix) + 1 if prefix else 0 :]]  # fmt: skip
+            entries += [self._tree_entry(n, b) for n, b in sorted(files.items()) if _under(n, prefix, recursive)]
+            self._json(entries, head)
             return
         info = {
             "id": repo_id, "_id": sha[:24], "sha": sha, "private": False, "gated": "auto" if repo.gated else False,
@@ -258,6 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
+
+
+def _folders(files: dict[str, bytes], prefix: str) -> list[str]:
+    """The folders below ``prefix`` that hold files (every level), as the Hub lists them: ``type: directory``."""
+    found = {"/".join(n.split("/")[:k]) for n in files for k in range(1, n.count("/") + 1)}
+    return sorted(d for d in found if _under(d, prefix, True))
 
 
 def _under(name: str, prefix: str, recursive: bool) -> bool:

@@ -115,6 +115,31 @@ def test_loftq_puts_an_nf4_base_under_factors_that_absorb_its_error(tiny_llama) 
     assert (tiny_llama(ids).logits - reference).abs().mean() < 0.8 * plain_error
 
 
+def test_loftq_model_equals_peft_init_lora_weights_loftq(tiny_llama, monkeypatch) -> None:
+    """PEFT's get_peft_model(init_lora_weights="loftq") with its loftq_init run on the CPU: same Q, A, B, logits."""
+    from peft import LoftQConfig
+    from peft.tuners.lora import layer as peft_lora_layer
+
+    from tests.peft_loftq_cpu import peft_loftq_init_on_cpu
+
+    monkeypatch.setattr(peft_lora_layer, "loftq_init", peft_loftq_init_on_cpu())
+    cfg = dict(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights="loftq")
+    peft_model = get_peft_model(
+        copy.deepcopy(tiny_llama), PeftLoraConfig(**cfg, loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=2))
+    ).eval()
+    lorakit.add_adapter(tiny_llama, LoraConfig(**cfg, loftq_config={"loftq_bits": 4, "loftq_iter": 2}))
+    theirs = dict(peft_model.base_model.model.named_modules())
+    for path, layer in iter_lora_layers(tiny_llama):
+        ref = theirs[path]
+        torch.testing.assert_close(layer.base_layer.dequantized_weight(), ref.base_layer.weight, atol=ATOL, rtol=0)
+        for factor in ("lora_A", "lora_B"):
+            ours_w, ref_w = getattr(layer, factor)["default"].weight, getattr(ref, factor)["default"].weight
+            torch.testing.assert_close(ours_w, ref_w, atol=ATOL, rtol=0)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_llama(ids).logits, peft_model(ids).logits, atol=ATOL, rtol=0)
+
+
 def test_config_accepts_the_variants_and_explains_bad_values() -> None:
     for init in ("pissa", "pissa_niter_4", "olora", "loftq"):
         cfg = LoraConfig(init_lora_weights=init, use_dora=True)

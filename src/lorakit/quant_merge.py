@@ -97,13 +97,16 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _with_adapters(layer: LoraLayer, names: list[str], weight: Tensor) -> Tensor:
-    """``weight`` (fp32) with each adapter merged in turn: ``+ s B A``, or DoRA's ``g * (W + s B A)``."""
+    """``weight`` (fp32) with each adapter merged in turn: ``+ s B A``, or DoRA's ``g * (W + s B A)``.
+
+    DoRA's norm is of the weight without adapters (as in the forward pass and PEFT's merge).
+    """
+    base = weight
     for n in names:
         if n not in layer.r:
             continue
-        is_dora = getattr(layer, "is_dora", None)
-        if is_dora is not None and is_dora(n):
-            weight = dora.merged_weight(layer, n, weight)[0]
+        if layer.is_dora(n):
+            weight = dora.merged_weight(layer, n, weight, base)[0]
         else:
             weight = weight + layer.delta_weight(n).to(weight.device)
     return weight

@@ -205,10 +205,20 @@ def test_train_flags_reach_the_lora_config() -> None:
         config_from_args(parser.parse_args(["--init-lora-weights", "pissa_niter_x"]))
 
 
-def test_dora_on_embeddings_is_refused_with_the_fix(tiny_llama) -> None:
-    with pytest.raises(ConfigError, match="linear layers"):
-        lorakit.add_adapter(tiny_llama, LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True))
-    assert lorakit.list_adapters(tiny_llama) == []
+def test_dora_on_the_embedding_of_a_llama_equals_peft_both_ways(tiny_llama, tmp_path) -> None:
+    """DoRA on embed_tokens (was refused) next to q_proj: PEFT's adapter loads here, ours loads in PEFT."""
+    peft_model = _peft_dora(tiny_llama, target_modules=["embed_tokens", "q_proj"])
+    ids = _ids()
+    theirs = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "theirs")
+    ours = copy.deepcopy(tiny_llama)
+    lorakit.load_adapter(ours, tmp_path / "theirs")
+    torch.testing.assert_close(ours(ids).logits, theirs, atol=ATOL, rtol=0)
+    magnitude = ours.model.embed_tokens.lora_magnitude_vector["default"]
+    assert magnitude.shape == (tiny_llama.config.hidden_size,)  # one per embedding dimension, as PEFT
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    again = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "ours").eval()
+    torch.testing.assert_close(again(ids).logits, theirs, atol=ATOL, rtol=0)
 
 
 def test_default_model_dora_logits_equal_peft_both_ways(default_model, default_model_dir, tmp_path) -> None:

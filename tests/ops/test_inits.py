@@ -85,6 +85,19 @@ def test_loftq_matches_the_algorithm_and_shrinks_the_error(iters: int) -> None:
     torch.testing.assert_close(dequantize_nf4(quantize_nf4(q)), q, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("iters", [1, 3])
+def test_loftq_equals_peft_loftq_init(iters: int) -> None:
+    """PEFT's own function (device string swapped to the CPU, see tests/peft_loftq_cpu.py) on the same weight."""
+    from tests.peft_loftq_cpu import peft_loftq_init_on_cpu
+
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(2)) * 0.05
+    q_ref, a_ref, b_ref = peft_loftq_init_on_cpu()(w, num_bits=4, reduced_rank=6, num_iter=iters)
+    a, b, q = loftq_factors(w, r=6, num_iter=iters)
+    torch.testing.assert_close(q, q_ref, atol=ATOL, rtol=0)  # the same NF4 codes: bitsandbytes' CPU kernel
+    torch.testing.assert_close(a, a_ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b, b_ref, atol=ATOL, rtol=0)
+
+
 def test_bad_inputs_name_the_fix() -> None:
     w = torch.randn(8, 6)
     with pytest.raises(ConfigError, match="r <= min"):

@@ -4,7 +4,9 @@ import pytest
 from train_helpers import make_char_tokenizer, pc_rows, write_jsonl
 
 from lorakit.errors import DataError
-from lorakit.training.data import IGNORE_INDEX, Row, prompt_text, read_jsonl, split_train_eval, tokenize, tokenize_rows
+from lorakit.training.data import IGNORE_INDEX, Row, prompt_text, split_train_eval, tokenize
+from lorakit.training.jsonl import read_jsonl
+from lorakit.training.token_store import tokenize_rows
 
 
 def learned_text(tok, ex):

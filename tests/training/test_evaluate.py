@@ -5,7 +5,7 @@ import torch
 from train_helpers import make_char_tokenizer, make_tiny_llama, write_jsonl
 
 from lorakit.errors import DataError
-from lorakit.training.data import Row, read_jsonl, tokenize_rows
+from lorakit.training.data import Row
 from lorakit.training.evaluate import (
     eval_loss,
     exact_match,
@@ -16,7 +16,9 @@ from lorakit.training.evaluate import (
     run_eval,
     stop_token_ids,
 )
+from lorakit.training.jsonl import read_jsonl
 from lorakit.training.loss import causal_lm_loss
+from lorakit.training.token_store import tokenize_rows
 
 
 def test_exact_and_normalized_match():

@@ -2,8 +2,9 @@ import pytest
 from train_helpers import make_char_tokenizer, write_jsonl
 
 from lorakit.errors import DataError
-from lorakit.training.data import read_jsonl, tokenize
+from lorakit.training.data import tokenize
 from lorakit.training.formats import RowProblem, RowSpec, normalize
+from lorakit.training.jsonl import read_jsonl
 
 
 def test_alpaca_row_becomes_prompt_completion_with_the_input_after_a_blank_line():

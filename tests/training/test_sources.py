@@ -8,8 +8,9 @@ import pytest
 from train_helpers import write_jsonl
 
 from lorakit.errors import DataError
+from lorakit.training.data import split_train_eval
 from lorakit.training.formats import RowSpec
-from lorakit.training.sources import DatasetRows, read_rows, split_rows
+from lorakit.training.sources import DatasetRows, read_rows
 
 datasets = pytest.importorskip("datasets")
 
@@ -115,11 +116,11 @@ def test_missing_file_glob_and_unknown_extension_are_clear(tmp_path):
 def test_eval_split_holds_out_a_seeded_disjoint_share_and_stays_lazy(tmp_path):
     datasets.Dataset.from_list([{"text": f"row {i}"} for i in range(50)]).to_parquet(tmp_path / "t.parquet")
     rows = read_rows(tmp_path / "t.parquet")
-    train, held = split_rows(rows, 0.1, seed=3)
+    train, held = split_train_eval(rows, 0.1, seed=3)
     assert isinstance(train, DatasetRows) and (len(train), len(held)) == (45, 5)
     seen = [r.data["text"] for r in train] + [r.data["text"] for r in held]
     assert sorted(seen) == sorted(f"row {i}" for i in range(50))
-    assert [r.data["text"] for r in split_rows(rows, 0.1, seed=3)[1]] == [r.data["text"] for r in held]
+    assert [r.data["text"] for r in split_train_eval(rows, 0.1, seed=3)[1]] == [r.data["text"] for r in held]
 
 
 def test_large_file_is_scanned_with_bounded_python_memory(tmp_path):
@@ -137,29 +138,52 @@ def test_large_file_is_scanned_with_bounded_python_memory(tmp_path):
     assert peak < 8e6, f"scanning 20 MB of rows peaked at {peak / 1e6:.1f} MB of Python memory"
 
 
-def test_hub_dataset_id_with_config_and_split_loads_from_a_loopback_hub(tmp_path, monkeypatch):
-    from dataset_hub import DatasetHub
+@pytest.fixture
+def dataset_hub(tmp_path, monkeypatch):
+    """The one loopback Hub of the tests (`hub_server.FakeHub`) with dataset repos: CSV with a README that names
+    configs and splits, Parquet files (served as LFS files: over the hub's 1 KiB threshold) and JSONL files laid
+    out as ``data/{split}-*.ext`` (the layout ``datasets`` detects without a README)."""
+    from hub_server import FakeHub
     from huggingface_hub import constants
 
     readme = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train.csv\n"
               "  - split: test\n    path: test.csv\n"
               "- config_name: alpaca\n  data_files: alpaca.csv\n---\n")  # fmt: skip
-    with DatasetHub() as hub:
-        hub.add("org/rows", {"README.md": readme, "train.csv": "prompt,completion\nup abc,ABC\nup bad,BAD\n",
+    datasets.Dataset.from_list(ROWS * 20).to_parquet(tmp_path / "p.parquet")
+    with FakeHub() as hub:
+        hub.add_repo("org/rows", {"README.md": readme, "train.csv": "prompt,completion\nup abc,ABC\nup bad,BAD\n",
                                   "test.csv": "prompt,completion\nup fed,FED\n",
-                                  "alpaca.csv": "instruction,output\nup,UP\n"})  # fmt: skip
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+                                  "alpaca.csv": "instruction,output\nup,UP\n"}, repo_type="dataset")  # fmt: skip
+        hub.add_repo("org/pq", {"data/train-00000.parquet": (tmp_path / "p.parquet").read_bytes()}, repo_type="dataset")
+        jsonl = "".join(json.dumps(r) + "\n" for r in ROWS)
+        hub.add_repo("org/lines", {"data/train-0.jsonl": jsonl, "data/test-0.jsonl": jsonl[: jsonl.index("\n") + 1]},
+                     repo_type="dataset")  # fmt: skip
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)  # huggingface_hub read it at import: patch what it derived
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
         monkeypatch.setattr(
             constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
         )
         monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.url)
-        assert pairs(read_rows("org/rows")) == [
-            ("prompt_completion", "up abc", "ABC"),
-            ("prompt_completion", "up bad", "BAD"),
-        ]
-        assert pairs(read_rows("org/rows", split="test")) == [("prompt_completion", "up fed", "FED")]
-        assert pairs(read_rows("org/rows", config="alpaca")) == [("prompt_completion", "up", "UP")]
-        assert any(path.startswith("/datasets/org/rows/resolve/") for _, path in hub.requests)
-        with pytest.raises(DataError, match="could not load hub dataset 'org/missing'"):
-            read_rows("org/missing")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))  # not ~/.cache: fresh downloads
+        yield hub
+
+
+def test_hub_dataset_id_with_config_and_split_loads_from_a_loopback_hub(dataset_hub):
+    assert pairs(read_rows("org/rows")) == [
+        ("prompt_completion", "up abc", "ABC"),
+        ("prompt_completion", "up bad", "BAD"),
+    ]
+    assert pairs(read_rows("org/rows", split="test")) == [("prompt_completion", "up fed", "FED")]
+    assert pairs(read_rows("org/rows", config="alpaca")) == [("prompt_completion", "up", "UP")]
+    assert any(path.startswith("/datasets/org/rows/resolve/") for _, path in dataset_hub.requests)
+    with pytest.raises(DataError, match="could not load hub dataset 'org/missing'"):
+        read_rows("org/missing")
+
+
+def test_hub_parquet_and_jsonl_repos_without_a_readme_load_by_their_file_layout(dataset_hub):
+    expected = [("prompt_completion", r["prompt"], r["completion"]) for r in ROWS]
+    assert pairs(read_rows("org/pq")) == expected * 20
+    assert pairs(read_rows("org/lines")) == expected
+    assert pairs(read_rows("org/lines", split="test")) == expected[:1]
+    got = [p for m, p in dataset_hub.file_requests() if m == "GET" and p.startswith("/datasets/org/pq/resolve/")]
+    assert any(p.endswith("/data/train-00000.parquet") for p in got), got

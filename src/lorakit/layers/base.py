@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.config import lora_scaling
-from lorakit.errors import AdapterNotFoundError, ConfigError, MergeError
-from lorakit.layers.routed import routed_delta
+from lorakit.errors import AdapterNotFoundError, MergeError
+from lorakit.layers import dora
+from lorakit.layers.routed import route_plan, routed_delta
 from lorakit.routing import Route, current_route
 
 
@@ -24,7 +25,9 @@ class LoraLayer(nn.Module):
     """Base class of every LoRA wrapper. Subclasses set `adapter_attrs` and implement the abstract methods."""
 
     # Attributes (nn.ModuleDict / nn.ParameterDict keyed by adapter name) that hold an adapter's factors.
-    adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
+    adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude_vector")
+    # False where the branch's input is not something dropout applies to (an embedding's token ids).
+    dropout_on_input: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -33,6 +36,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only -> m, PEFT's shape (`magnitude_shape`)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         # The base weight as it was before the first merge, kept while any adapter is merged, so that unmerging
@@ -56,6 +60,11 @@ class LoraLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     @property
+    def weight_in_out(self) -> bool:
+        """True when the base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``, an embedding table)."""
+        return False
+
+    @property
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds, in insertion order."""
         return list(self.r)
@@ -67,9 +76,24 @@ class LoraLayer(nn.Module):
     def _init_factors(self, name: str, init: bool | str) -> None:
         raise NotImplementedError
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        """The low-rank branch ``scaling * B(A(dropout(x)))`` for adapter ``name``."""
+    def lora_forward(self, x: Tensor, name: str, dropout: bool = True) -> Tensor:
+        """The low-rank branch ``scaling * B(A(dropout(x)))`` for adapter ``name`` (``dropout=False``: no dropout)."""
         raise NotImplementedError
+
+    def base_term(self, x: Tensor) -> Tensor:
+        """``W x`` without the bias (DoRA's training path with dropout needs it on the dropped-out input)."""
+        raise NotImplementedError
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """Shape of a DoRA magnitude on this layer, PEFT's: one value per output feature."""
+        return (self.base_layer.weight.shape[1 if self.weight_in_out else 0],)
+
+    def feature_view(self, v: Tensor, result: Tensor) -> Tensor:
+        """``v`` ``(out,)`` or per row ``(batch, out)`` viewed to broadcast over this layer's output ``result``.
+
+        Features are the last dim of a linear or embedding output (conv layers override: channels come first).
+        """
+        return v if v.dim() == 1 else v.view(v.shape[0], *([1] * (result.dim() - 2)), v.shape[-1])
 
     def delta_weight(self, name: str) -> Tensor:
         """``scaling * B A`` in the base weight's layout and shape, computed in fp32."""
@@ -104,10 +128,11 @@ class LoraLayer(nn.Module):
                 entry.train(self.training)  # adding to a model in eval mode must not switch dropout on
 
     def _init_dora(self, name: str) -> None:
-        raise ConfigError(
-            f"use_dora=True is implemented for linear layers; {type(self.base_layer).__name__} has no DoRA in "
-            "lorakit: leave it out of target_modules (or use exclude_modules)"
-        )
+        dora.init_magnitude(self, name)
+
+    def is_dora(self, name: str) -> bool:
+        """True when adapter ``name`` is a DoRA adapter on this layer."""
+        return name in self.lora_magnitude_vector
 
     def adapter_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """Dtype and device of new adapter factors: the base weight's, fp32 for low-precision bases.
@@ -130,6 +155,7 @@ class LoraLayer(nn.Module):
             table.pop(name)
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self.stack_cache = None  # stacked copies of the factors, for routing
+        self.__dict__.get("_dora_cache", {}).pop(name, None)
 
     def set_active(self, names: list[str]) -> None:
         """Activate exactly the adapters in ``names`` that this layer holds (their updates add)."""
@@ -173,12 +199,21 @@ class LoraLayer(nn.Module):
 
     def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """``result`` plus adapter ``name``'s update of ``x`` (layer types may do it in fewer kernels)."""
+        if self.is_dora(name):
+            return dora.add(self, result, x, name)
         return result + self.lora_forward(x, name).to(result.dtype)
 
     def routed_forward(self, result: Tensor, x: Tensor, route: Route) -> Tensor:
-        """The base output ``result`` plus each row's own adapter update (DoRA layers also rescale rows)."""
-        delta = routed_delta(self, x, route)
-        return result if delta is None else result + delta.to(result.dtype)
+        """The base output plus each row's own update; DoRA rows: ``g_row * (result - bias + delta) + bias``."""
+        delta = routed_delta(self, x, route)  # checks the batch and builds the plan
+        if delta is None:
+            return result
+        delta = delta.to(result.dtype)
+        g = dora.routed_scale(self, *route_plan(self, route, x.device))  # (batch, out) or None (no DoRA row)
+        if g is None:
+            return result + delta
+        bias = None if self.bias is None else self.feature_view(self.bias, result)
+        return dora.combine(result, delta, self.feature_view(g, result), bias)
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """``(A (r, in), B (out, r))`` of adapter ``name``, for layers whose update is ``x -> B A x`` (routing)."""
@@ -228,11 +263,22 @@ class LoraLayer(nn.Module):
             self.weight_before_merge = None
 
     def _merge_into(self, weight: Tensor, name: str) -> None:
-        """``weight += scaling * B A`` in place (DoRA adapters override: their merge rescales rows)."""
-        delta = self.delta_weight(name)
-        if not torch.isfinite(delta).all():
+        """``weight += scaling * B A`` in place; a DoRA adapter's ``weight = g * (weight + scaling * B A)``.
+
+        DoRA's norm is of the weight without merged adapters (``weight_before_merge`` once one is merged), as
+        the forward pass and PEFT take it.
+        """
+        dora_adapter = self.is_dora(name)
+        if dora_adapter:  # the whole new weight
+            new = dora.merged_weight(self, name, weight, self.weight_before_merge)[0]
+        else:  # the update
+            new = self.delta_weight(name)
+        if not torch.isfinite(new).all():
             raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
-        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        if dora_adapter:
+            weight.copy_(new.to(weight.dtype))
+        else:
+            weight.add_(new.to(device=weight.device, dtype=weight.dtype))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())

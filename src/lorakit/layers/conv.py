@@ -1,4 +1,8 @@
-"""LoRA for ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel and stride, B a 1x1 conv to the outputs."""
+"""LoRA for ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel and stride, B a 1x1 conv to the outputs.
+
+A DoRA adapter's magnitude has PEFT's shape ``(1, out, 1, ...)`` (one value per output channel, the norm taken over
+each whole filter ``(in, *kernel)``); see `lorakit.layers.dora`.
+"""
 
 from __future__ import annotations
 
@@ -49,9 +53,27 @@ class LoraConv(LoraLayer):
             kaiming_a(self.lora_A[name].weight)
         nn.init.zeros_(self.lora_B[name].weight)
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+    def lora_forward(self, x: Tensor, name: str, dropout: bool = True) -> Tensor:
         a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(self.lora_dropout[name](x).to(a.weight.dtype))) * self.scaling[name]
+        x = self.lora_dropout[name](x) if dropout else x
+        return b(a(x.to(a.weight.dtype))) * self.scaling[name]  # (batch, out, *spatial)
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(A (r, in, *kernel), B (out, r, 1, ...))`` as stored (DoRA flattens them to matrices)."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    # ---- DoRA: channels are dim 1 of the output, the magnitude is (1, out, 1, ...) ------------------------------
+    def magnitude_shape(self) -> tuple[int, ...]:
+        weight = self.base_layer.weight  # (out, in, *kernel)
+        return (1, weight.shape[0], *([1] * (weight.dim() - 2)))
+
+    def feature_view(self, v: Tensor, result: Tensor) -> Tensor:
+        """``(out,)`` -> ``(out, 1, ...)``, ``(batch, out)`` -> ``(batch, out, 1, ...)``: channels precede space."""
+        return v.view(*v.shape, *([1] * (self.base_layer.weight.dim() - 2)))
+
+    def base_term(self, x: Tensor) -> Tensor:
+        weight = self.base_layer.weight
+        return self.base_layer._conv_forward(x.to(weight.dtype), weight, None)  # honours padding_mode
 
     def delta_weight(self, name: str) -> Tensor:
         a = self.lora_A[name].weight.float()  # (r, in, *kernel)

@@ -15,9 +15,14 @@ class LoraEmbedding(LoraLayer):
 
     PEFT's layout and names (``lora_embedding_A`` / ``lora_embedding_B`` as bare parameters) are kept so the
     saved keys match. The input is token ids, so there is no dropout on this branch.
+
+    A DoRA adapter has a magnitude ``m: (dim,)``, one per embedding dimension: as in PEFT, the table is read as a
+    ``(num_embeddings, dim)`` = ``(in, out)`` weight, so ``y = g * (E[x] + s (A^T)[x] B^T)`` with
+    ``g = m / ||E + s (B A)^T||`` taken over all tokens for each dimension.
     """
 
-    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    dropout_on_input = False
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -39,7 +44,11 @@ class LoraEmbedding(LoraLayer):
         else:
             nn.init.zeros_(a)
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+    @property
+    def weight_in_out(self) -> bool:
+        return True  # (num_embeddings, dim): tokens play the inputs, dimensions the outputs
+
+    def lora_forward(self, x: Tensor, name: str, dropout: bool = True) -> Tensor:
         base = self.base_layer
         rows = F.embedding(  # (..., r)
             x,

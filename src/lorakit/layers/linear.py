@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.errors import MergeError
 from lorakit.layers import dora
 from lorakit.layers.base import LoraLayer, kaiming_a
 from lorakit.layers.lora_function import lora_linear_delta
-from lorakit.layers.routed import route_plan, routed_delta, routed_dropout, row_factors
+from lorakit.layers.routed import routed_dropout, row_factors
 from lorakit.ops.inits import is_data_init
 
 
@@ -49,10 +48,7 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = linear_shape(base_layer)
         self.lora_A = nn.ModuleDict()  # adapter -> nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.ModuleDict()  # adapter -> nn.Linear(r, out_features, bias=False)
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only -> (out_features,)
         self.initial_factors: dict[str, tuple[Tensor, Tensor]] = {}  # PiSSA/OLoRA (A0, B0), to save as plain LoRA
-
-    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def _create_factors(self, name: str, r: int, dtype: torch.dtype, device: torch.device) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
@@ -73,35 +69,21 @@ class LoraLinear(LoraLayer):
             kaiming_a(self.lora_A[name].weight)
         nn.init.zeros_(self.lora_B[name].weight)  # B = 0: a fresh adapter is a no-op
 
-    # ---- DoRA (lorakit.layers.dora holds the arithmetic) ----------------------------------------------------
-    def _init_dora(self, name: str) -> None:
-        dora.init_magnitude(self, name)
+    # ---- DoRA (lorakit.layers.dora holds the arithmetic; LoraLayer merges and routes) -------------------------
+    @property
+    def weight_in_out(self) -> bool:
+        return self.fan_in_fan_out
 
-    def is_dora(self, name: str) -> bool:
-        """True when adapter ``name`` is a DoRA adapter on this layer."""
-        return name in self.lora_magnitude_vector
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)  # a 4-bit base's weight is packed: its shape says nothing
 
-    def _merge_into(self, weight: Tensor, name: str) -> None:
-        if not self.is_dora(name):
-            return super()._merge_into(weight, name)
-        new, _ = dora.merged_weight(self, name, weight)
-        if not torch.isfinite(new).all():
-            raise MergeError(f"adapter {name!r} has non-finite values on {self.base_layer!r}; refusing to merge")
-        weight.copy_(new.to(weight.dtype))
+    def base_term(self, x: Tensor) -> Tensor:
+        weight = dora.dense_weight(self)
+        return F.linear(x.to(weight.dtype), weight.T if self.fan_in_fan_out else weight)
 
     def delete(self, name: str) -> None:
         super().delete(name)
         self.initial_factors.pop(name, None)
-        self.__dict__.get("_dora_cache", {}).pop(name, None)
-
-    def routed_forward(self, result: Tensor, x: Tensor, route) -> Tensor:
-        """Per-row adapters where some rows are DoRA: ``g_row * (result - bias + delta) + bias`` (g = 1 for LoRA)."""
-        delta = routed_delta(self, x, route)  # checks the batch and builds the plan
-        if delta is None:
-            return result
-        g = dora.routed_scale(self, *route_plan(self, route, x.device))  # (batch, out) or None
-        delta = delta.to(result.dtype)
-        return result + delta if g is None else dora.combine(result, delta, g, self.bias)
 
     def add_update(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """``result + scaling * B(A(dropout(x)))``; see `lora_forward` for the training path.
@@ -127,9 +109,9 @@ class LoraLinear(LoraLayer):
         result.view(-1, b.shape[0]).addmm_(h, b.t(), alpha=self.scaling[name])
         return result
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    def lora_forward(self, x: Tensor, name: str, dropout: bool = True) -> Tensor:
+        drop = self.lora_dropout[name]
+        p = drop.p if dropout and isinstance(drop, nn.Dropout) and drop.training else 0.0
         # (..., in) -> (..., r) -> (..., out_features); saves x, a bool mask and h only (see lora_function)
         return lora_linear_delta(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
 

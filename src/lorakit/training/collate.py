@@ -43,17 +43,25 @@ def batch_order(
     return batches
 
 
+def padded_tensors(rows: Sequence, pad_id: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``labels`` (batch, width) of rows with ``.input_ids`` / ``.labels``, right-padded.
+
+    Padding is ``pad_id`` / ``IGNORE_INDEX``; this is the one place padded and packed batches are built.
+    """
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r.input_ids)] = torch.as_tensor(r.input_ids)
+        labels[b, : len(r.labels)] = torch.as_tensor(r.labels)
+    return ids, labels
+
+
 def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids`` and ``attention_mask`` (batch, seq) and ``labels`` (-100 on padding)."""
     n = max(len(e) for e in examples)
     n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids[row, : len(e)] = torch.tensor(e.input_ids)
-        labels[row, : len(e)] = torch.tensor(e.labels)
-        mask[row, : len(e)] = 1
+    ids, labels = padded_tensors(examples, pad_id, n)
+    mask = (torch.arange(n) < torch.tensor([len(e) for e in examples])[:, None]).long()  # (batch, seq)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -1,4 +1,8 @@
-"""Training data: JSONL reading, the three row formats, rendering, label masking and truncation.
+"""Training data: rows, the three row formats, rendering, label masking and truncation.
+
+Rows are read by `lorakit.training.jsonl` (JSONL files) and `lorakit.training.sources` (everything else); both
+return `LazyRows`, which keep only row positions in memory and read a row when it is used. Tokenized examples go
+to disk (`lorakit.training.token_store`).
 
 Formats (one per row, detected by keys):
 
@@ -16,16 +20,15 @@ text across turn boundaries.
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import random
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lorakit.errors import DataError
-from lorakit.training.formats import RowProblem, RowSpec, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,37 @@ class Row:
     data: dict[str, Any]
     source: str  # "file.jsonl:LINE"
     format: str  # one of FORMATS
+
+
+class LazyRows(Sequence[Row]):
+    """Rows read from their source on each access; only ``indices`` (8 bytes per row) stay in memory.
+
+    Subclasses implement `load` (the row at a position of the source). Slices and `subset` share the source.
+    """
+
+    def __init__(self, indices: array) -> None:
+        self.indices = indices
+
+    def load(self, j: int) -> Row:
+        """The row at position ``j`` of the source."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return self.subset(range(len(self))[i])
+        return self.load(self.indices[i])
+
+    def __iter__(self) -> Iterator[Row]:
+        return (self.load(j) for j in self.indices)
+
+    def subset(self, positions: Sequence[int]) -> LazyRows:
+        """The rows at ``positions`` (indices into this sequence), reading the same source."""
+        out = copy.copy(self)
+        out.indices = array("q", (self.indices[p] for p in positions))
+        return out
 
 
 @dataclass
@@ -81,66 +115,6 @@ class TokenizeStats:
                 len(self.dropped_no_labels),
                 self.dropped_no_labels[0],
             )
-
-
-def jsonl_files(path: str | Path) -> list[Path]:
-    """The JSONL files behind ``path``: the file itself, or every ``*.jsonl`` in a directory (sorted)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix == ".jsonl" and f.is_file())
-        if not files:
-            raise DataError(f"data directory {str(p)!r} holds no *.jsonl files; expected one or more JSONL files.")
-        return files
-    if not p.exists():
-        raise DataError(f"data file {str(p)!r} does not exist; pass a JSONL file or a directory of them.")
-    return [p]
-
-
-def read_jsonl(path: str | Path, skip_bad_lines: bool = False, spec: RowSpec | None = None) -> list[Row]:
-    """Read and validate every row of a JSONL file or directory.
-
-    Args:
-        path: A ``.jsonl`` file or a directory of them.
-        skip_bad_lines: Skip (and count in one warning) lines that are not JSON or lack the needed keys,
-            instead of raising.
-        spec: Format and column names to expect (default: detect each row; see `lorakit.training.formats`).
-
-    Returns:
-        The rows, in file order.
-
-    Raises:
-        DataError: A missing or empty file, a bad line (naming file and line) unless skipped, or no
-            usable row at all.
-    """
-    rows: list[Row] = []
-    bad: list[str] = []
-    for file in jsonl_files(path):
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{lineno}"
-                problem, record, fmt = None, None, None
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    problem = f"not valid JSON ({e.msg} at column {e.colno})"
-                if problem is None:
-                    try:
-                        record, fmt = normalize(record, spec or RowSpec())
-                    except RowProblem as e:
-                        problem = str(e)
-                if problem is None:
-                    rows.append(Row(record, where, fmt))
-                elif skip_bad_lines:
-                    bad.append(f"{where}: {problem}")
-                else:
-                    raise DataError(f"{where}: line {problem}. Fix the line or pass --skip-bad-lines to skip it.")
-    if bad:
-        logger.warning("skipped %d bad lines (first: %s)", len(bad), bad[0])
-    if not rows:
-        raise DataError(f"data {str(path)!r} holds no usable rows; expected JSONL with one example per line.")
-    return rows
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -242,33 +216,19 @@ def tokenize(
     return Example(ids[:max_length], labels[:max_length], row.source), truncated
 
 
-def tokenize_rows(
-    rows: Sequence[Row], tokenizer: Any, max_length: int, mask_prompt: bool = True, chat_template: bool = True
-) -> tuple[list[Example], TokenizeStats]:
-    """Tokenize many rows; truncation and label-less examples are counted, never raised."""
-    stats = TokenizeStats(total=len(rows))
-    out = []
-    for row in rows:
-        ex, truncated = tokenize(row, tokenizer, max_length, mask_prompt, chat_template)
-        stats.truncated += truncated
-        if all(label == IGNORE_INDEX for label in ex.labels):
-            stats.dropped_no_labels.append(row.source)
-            continue
-        out.append(ex)
-    stats.warn(max_length)
-    if not out:
-        raise DataError(
-            f"none of the {len(rows)} examples has a token to learn within max_length={max_length}; raise --max-length."
-        )
-    return out, stats
+def split_train_eval(rows: Sequence[Row], eval_ratio: float, seed: int) -> tuple[Sequence[Row], Sequence[Row]]:
+    """Hold out ``eval_ratio`` of the rows (at least one, never all) with a seeded shuffle.
 
-
-def split_train_eval(rows: Sequence[Row], eval_ratio: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """Hold out ``eval_ratio`` of the rows (at least one, never all) with a seeded shuffle."""
+    `LazyRows` stay lazy (both parts read the same source); a list gives two lists.
+    """
     if len(rows) < 2 or eval_ratio <= 0:
-        return list(rows), []
+        return rows, rows[:0]
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
     n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_ratio)))
-    held = set(idx[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    held = sorted(idx[:n_eval])
+    held_set = set(held)
+    keep = [i for i in range(len(rows)) if i not in held_set]
+    if isinstance(rows, LazyRows):
+        return rows.subset(keep), rows.subset(held)
+    return [rows[i] for i in keep], [rows[i] for i in held]

@@ -21,6 +21,7 @@ from lorakit.training.collate import collate, count_label_tokens
 from lorakit.training.data import Example, Row, display_prompt, prompt_text
 from lorakit.training.distributed import Dist
 from lorakit.training.loss import causal_lm_loss
+from lorakit.training.token_store import lengths_of
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -192,17 +193,17 @@ def eval_loss(
     collectives stay in step.
     """
     d = d or Dist()
-    if d.enabled:
-        mine, real = dist.padded_shard(examples, d)
-        examples = mine[:real] + [e.without_labels() for e in mine[real:]]
+    lengths = lengths_of(examples)
+    mine, real = dist.padded_shard(range(len(examples)), d) if d.enabled else (range(len(examples)), len(examples))
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-        for idx in _batches(order, batch_size):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+        order = sorted(range(len(mine)), key=lambda k: lengths[mine[k]])
+        for positions in _batches(order, batch_size):  # padded-share rows (k >= real) carry no labels
+            rows = [examples[mine[k]] if k < real else examples[mine[k]].without_labels() for k in positions]
+            batch = {name: t.to(device) for name, t in collate(rows, pad_id).items()}
             with autocast():
                 loss_sum = causal_lm_loss(model, batch, reduction="sum", split_head=not d.fsdp)
             total += float(loss_sum)
@@ -254,9 +255,9 @@ def run_eval(
     """
     from lorakit.errors import DataError
     from lorakit.models import default_model_name, load_model
-    from lorakit.training.data import tokenize_rows
     from lorakit.training.precision import make_autocast
     from lorakit.training.sources import read_rows
+    from lorakit.training.token_store import tokenize_rows
 
     rows = list(read_rows(data, skip_bad_lines=skip_bad_lines))
     no_completion = [r.source for r in rows if r.format == "text"]

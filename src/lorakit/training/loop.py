@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from lorakit.training.distributed import Dist, DistributedError
 from lorakit.training.loss import causal_lm_loss
 from lorakit.training.packing import collate_packed
 from lorakit.training.schedule import StopFlag, lr_lambda, param_groups
+from lorakit.training.token_store import lengths_of
 from lorakit.training.train_config import TrainConfig
 
 __all__ = ["LoopState", "StopFlag", "Trainer", "TrainingStopped", "lr_lambda", "param_groups"]
@@ -53,7 +54,7 @@ class Trainer:
 
     Args:
         model: A model with one trainable adapter (named ``adapter_name``).
-        examples: Tokenized training examples.
+        examples: Tokenized training examples (a `TokenStore`: read back one micro-batch at a time).
         config: The run's settings.
         output_dir: Where checkpoints and ``metrics.jsonl`` go.
         pad_id: Padding token id.
@@ -73,7 +74,7 @@ class Trainer:
     def __init__(
         self,
         model,
-        examples: list[Example],
+        examples: Sequence[Example],
         config: TrainConfig,
         output_dir: Path,
         pad_id: int,
@@ -97,7 +98,7 @@ class Trainer:
         self.dist = dist or Dist()
         self.on_log = on_log
         self.collate_fn = collate_packed if config.packing else collate
-        self.lengths = [len(e) for e in examples]
+        self.lengths = lengths_of(examples)  # from the token store: no example is read back
         self.global_batch = config.batch_size * self.dist.world_size  # rows of one micro-batch over all processes
         batches = math.ceil(len(examples) / self.global_batch)
         self.steps_per_epoch = max(1, math.ceil(batches / config.gradient_accumulation_steps))

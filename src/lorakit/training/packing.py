@@ -14,18 +14,24 @@ longest first, goes into the fullest row it still fits) and keeps them independe
 A packed micro-batch therefore has the same learned tokens, the same logits at them and so the same summed loss
 and gradients as the same examples padded (tested to 1e-5 in fp32). The tail of a row that no example fills is
 padding: its own segment (positions restarting), ``IGNORE_INDEX`` labels.
+
+`pack` decides the rows from the examples' lengths alone; `PackedRows` concatenates a row when a batch reads it,
+so packing keeps no second copy of the tokens (they stay in the on-disk token store).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lorakit.errors import ConfigError
+from lorakit.training.collate import padded_tensors
 from lorakit.training.data import IGNORE_INDEX, Example
+from lorakit.training.token_store import lengths_of
 
 
 @dataclass
@@ -45,8 +51,41 @@ class PackedRow:
         return PackedRow(self.input_ids, [IGNORE_INDEX] * len(self), self.seq_lens, self.source)
 
 
-def pack(examples: Sequence[Example], max_length: int) -> list[PackedRow]:
+class PackedRows(Sequence[PackedRow]):
+    """Packed rows, each concatenated from ``examples`` when it is read (nothing is copied up front).
+
+    Row ``b`` holds the examples ``members[starts[b]:starts[b + 1]]``, longest first.
+    """
+
+    def __init__(self, examples: Sequence[Example], members: np.ndarray, starts: np.ndarray) -> None:
+        self.examples, self.members, self.starts = examples, members, starts
+        lengths = np.asarray(lengths_of(examples), dtype=np.int64)[members]
+        self.lengths = np.add.reduceat(lengths, starts[:-1]) if len(members) else np.zeros(0, np.int64)  # per row
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, b):  # type: ignore[override]
+        if isinstance(b, slice):
+            return [self[i] for i in range(len(self))[b]]
+        if b < 0:
+            b += len(self)
+        parts = [self.examples[int(i)] for i in self.members[self.starts[b] : self.starts[b + 1]]]
+        ids: list[int] = []
+        labels: list[int] = []
+        for e in parts:
+            ids += e.input_ids
+            labels += [IGNORE_INDEX] + list(e.labels[1:])  # the first token of an example is never a target
+        return PackedRow(ids, labels, [len(e) for e in parts], parts[0].source)
+
+    def __iter__(self) -> Iterator[PackedRow]:
+        return (self[b] for b in range(len(self)))
+
+
+def pack(examples: Sequence[Example], max_length: int) -> PackedRows:
     """Pack examples into rows of at most ``max_length`` tokens, best-fit decreasing (deterministic).
+
+    Only the lengths are read (`lengths_of`); the rows are concatenated when used.
 
     Args:
         examples: Tokenized examples, each at most ``max_length`` tokens (tokenization truncates).
@@ -55,32 +94,27 @@ def pack(examples: Sequence[Example], max_length: int) -> list[PackedRow]:
     Returns:
         The packed rows, fullest first; every example appears in exactly one row.
     """
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
-    bins: list[list[int]] = []
+    lengths = np.asarray(lengths_of(examples), dtype=np.int64)
+    if len(lengths) and lengths.max() > max_length:
+        i = int(lengths.argmax())
+        raise ValueError(f"example {i} has {lengths[i]} tokens > max_length={max_length}")
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties by index
+    bin_of = np.empty(len(lengths), dtype=np.int64)
+    n_bins = 0
     free: list[tuple[int, int]] = []  # (free tokens, bin), sorted: the best fit is the first with room enough
-    for i in order:
-        n = len(examples[i])
-        if n > max_length:
-            raise ValueError(f"example {examples[i].source!r} has {n} tokens > max_length={max_length}")
+    for i in order.tolist():
+        n = int(lengths[i])
         k = bisect.bisect_left(free, (n, -1))
         if k < len(free):
             room, b = free.pop(k)
         else:
-            room, b = max_length, len(bins)
-            bins.append([])
-        bins[b].append(i)
+            room, b, n_bins = max_length, n_bins, n_bins + 1
+        bin_of[i] = b
         if room - n > 0:
             bisect.insort(free, (room - n, b))
-    return [_concat([examples[i] for i in members]) for members in bins]
-
-
-def _concat(parts: list[Example]) -> PackedRow:
-    ids: list[int] = []
-    labels: list[int] = []
-    for e in parts:
-        ids += e.input_ids
-        labels += [IGNORE_INDEX] + list(e.labels[1:])  # the first token of an example is never a target
-    return PackedRow(ids, labels, [len(e) for e in parts], parts[0].source)
+    members = order[np.argsort(bin_of[order], kind="stable")]  # by row, longest first within a row
+    starts = np.concatenate([[0], np.cumsum(np.bincount(bin_of, minlength=n_bins))])
+    return PackedRows(examples, members, starts)
 
 
 def collate_packed(rows: Sequence[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
@@ -89,12 +123,9 @@ def collate_packed(rows: Sequence[PackedRow], pad_id: int) -> dict[str, torch.Te
     Rows are right-padded to the longest; the padding is a segment of its own with ignored labels.
     """
     n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+    ids, labels = padded_tensors(rows, pad_id, n)
     positions = torch.zeros((len(rows), n), dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r.input_ids)
-        labels[b, : len(r)] = torch.tensor(r.labels)
         segs = list(r.seq_lens) + ([n - len(r)] if n > len(r) else [])
         positions[b] = torch.cat([torch.arange(s) for s in segs])
     return {"input_ids": ids, "labels": labels, "position_ids": positions}

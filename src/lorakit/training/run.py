@@ -27,12 +27,13 @@ from lorakit.state import adapter_state_dict
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist
 from lorakit.training import preflight
-from lorakit.training.data import display_prompt, tokenize_rows
+from lorakit.training.data import display_prompt
 from lorakit.training.evaluate import eval_loss, format_table, generation_eval
 from lorakit.training.loop import Trainer
 from lorakit.training.packing import check_packing_support, pack
 from lorakit.training.precision import choose_threads, make_autocast
 from lorakit.training.sources import read_train_eval
+from lorakit.training.token_store import tokenize_rows
 from lorakit.training.trackers import Trackers, parse_report_to, require_trackers
 from lorakit.training.train_config import TrainConfig, build_config
 
@@ -281,7 +282,7 @@ def _pack(model, examples, max_length: int):
     """``--packing``: the examples packed into ``max_length`` rows (see `lorakit.training.packing`)."""
     check_packing_support(model)
     packed = pack(examples, max_length)
-    waste = 1 - sum(len(e) for e in examples) / (max_length * len(packed))
+    waste = 1 - int(packed.lengths.sum()) / (max_length * len(packed))
     logger.info(
         "packing: %d examples -> %d rows of <= %d tokens (%.1f%% of the row tokens are padding)",
         len(examples), len(packed), max_length, 100 * waste,

@@ -10,8 +10,9 @@
   honours ``HF_ENDPOINT`` (a mirror) and ``HF_HUB_OFFLINE`` / the local datasets cache.
 
 Anything read through ``datasets`` is an Arrow table on disk, memory-mapped: the rows are validated once in
-batches of `SCAN_BATCH` and then read on demand by index (`DatasetRows`), so a file larger than memory costs
-only its tokenized examples.
+batches of `SCAN_BATCH` and then read on demand by index (`DatasetRows`); JSONL rows are read on demand from
+their byte offsets (`lorakit.training.jsonl`). Tokenized examples go to flat files on disk
+(`lorakit.training.token_store`), so a file larger than memory costs a few bytes of Python memory per row.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ import bisect
 import glob
 import logging
 import os
-import random
 import re
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import DataError
-from lorakit.training.data import Row, read_jsonl, split_train_eval
+from lorakit.training.data import LazyRows, Row, split_train_eval
 from lorakit.training.formats import RowProblem, RowSpec, normalize
+from lorakit.training.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def _cache_dir() -> str | None:
     return os.environ.get("HF_DATASETS_CACHE") or None
 
 
-class DatasetRows(Sequence[Row]):
+class DatasetRows(LazyRows):
     """Validated rows of memory-mapped ``datasets.Dataset`` tables, materialized (normalized) on each access.
 
     Args:
@@ -145,32 +146,21 @@ class DatasetRows(Sequence[Row]):
     """
 
     def __init__(self, tables: list[tuple[Any, str]], spec: RowSpec, indices: array) -> None:
-        self.tables, self.spec, self.indices = tables, spec, indices
+        super().__init__(indices)
+        self.tables, self.spec = tables, spec
         self.starts = [0]
         for dataset, _ in tables:
             self.starts.append(self.starts[-1] + len(dataset))
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return DatasetRows(self.tables, self.spec, self.indices[i])
-        j = self.indices[i]
+    def load(self, j: int) -> Row:
         k = bisect.bisect_right(self.starts, j) - 1
         data, fmt = normalize(self.tables[k][0][j - self.starts[k]], self.spec)
         return Row(data, self.where(j), fmt)
-
-    def __iter__(self) -> Iterator[Row]:
-        return (self[i] for i in range(len(self)))
 
     def where(self, j: int) -> str:
         """``file row N`` (1-based within its file) for row ``j`` of the tables laid end to end."""
         k = bisect.bisect_right(self.starts, j) - 1
         return f"{self.tables[k][1]} row {j - self.starts[k] + 1}"
-
-    def subset(self, positions: Sequence[int]) -> DatasetRows:
-        return DatasetRows(self.tables, self.spec, array("q", (self.indices[p] for p in positions)))
 
 
 def _scan(tables: list[tuple[Any, str]], spec: RowSpec, skip_bad_lines: bool) -> DatasetRows:
@@ -234,7 +224,7 @@ def read_rows(
         config: Configuration (subset) name of a hub dataset.
 
     Returns:
-        The rows: a list for JSONL, else a lazy `DatasetRows` over the memory-mapped table.
+        The rows, lazy: `JsonlRows` (line offsets) or `DatasetRows` (positions in the memory-mapped tables).
 
     Raises:
         DataError: Missing source, unreadable file, or a row that fits no format (naming file and row).
@@ -246,20 +236,6 @@ def read_rows(
     return _scan(load_tables(path, split, config), spec, skip_bad_lines)
 
 
-def split_rows(rows: Sequence[Row], eval_ratio: float, seed: int) -> tuple[Sequence[Row], Sequence[Row]]:
-    """Hold out ``eval_ratio`` of the rows (at least one, never all), seeded; lazy rows stay lazy."""
-    if not isinstance(rows, DatasetRows):
-        return split_train_eval(rows, eval_ratio, seed)
-    if len(rows) < 2 or eval_ratio <= 0:
-        return rows, rows.subset([])
-    idx = list(range(len(rows)))
-    random.Random(seed).shuffle(idx)
-    n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_ratio)))
-    held = sorted(idx[:n_eval])
-    held_set = set(held)
-    return rows.subset([i for i in range(len(rows)) if i not in held_set]), rows.subset(held)
-
-
 def read_train_eval(cfg: Any) -> tuple[Sequence[Row], Sequence[Row]]:
     """The train and eval rows of a `TrainConfig`: ``eval_data`` when given, else ``eval_ratio`` held out."""
     spec = RowSpec(cfg.format, cfg.text_column, cfg.prompt_column, cfg.completion_column, cfg.messages_column)
@@ -267,4 +243,4 @@ def read_train_eval(cfg: Any) -> tuple[Sequence[Row], Sequence[Row]]:
     if cfg.eval_data:
         split = cfg.eval_data_split or cfg.data_split
         return rows, read_rows(cfg.eval_data, spec, cfg.skip_bad_lines, split, cfg.data_config)
-    return split_rows(rows, cfg.eval_ratio, cfg.seed)
+    return split_train_eval(rows, cfg.eval_ratio, cfg.seed)
