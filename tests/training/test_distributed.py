@@ -23,7 +23,7 @@ from lorakit.errors import ConfigError
 from lorakit.training import run_training
 from lorakit.training.checkpoint import list_checkpoints, load_checkpoint_state
 from lorakit.training.distributed import Dist, padded_shard, shard
-from lorakit.training.run import _per_process_batch
+from lorakit.training.model_setup import per_process_batch
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 # 25 train rows: with a global batch of 4 the last batch of an epoch has 1 row, so one process gets none.
@@ -178,10 +178,10 @@ def test_global_batch_size_must_divide_over_processes_and_accumulation():
     from lorakit.training.train_config import TrainConfig
 
     cfg = TrainConfig(global_batch_size=12, gradient_accumulation_steps=3)
-    assert _per_process_batch(cfg, Dist(world_size=2)).batch_size == 2
-    assert _per_process_batch(cfg, Dist()).batch_size == 4
+    assert per_process_batch(cfg, Dist(world_size=2)).batch_size == 2
+    assert per_process_batch(cfg, Dist()).batch_size == 4
     with pytest.raises(ConfigError, match=r"global_batch_size=12 is not divisible by 8 processes .* = 24"):
-        _per_process_batch(cfg, Dist(world_size=8))
+        per_process_batch(cfg, Dist(world_size=8))
     with pytest.raises(ConfigError, match="global_batch_size=0"):
         TrainConfig(global_batch_size=0)
 

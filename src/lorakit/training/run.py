@@ -7,7 +7,6 @@ the adapter, evaluate it, plot the loss and return a `TrainResult`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,8 +15,7 @@ from typing import Any
 
 import torch
 
-from lorakit.adapters import add_adapter, trainable_parameters
-from lorakit.config import default_alpha
+from lorakit.adapters import trainable_parameters
 from lorakit.errors import ConfigError
 from lorakit.io.atomic import atomic_write_text
 from lorakit.io.saving import save_adapter
@@ -26,7 +24,7 @@ from lorakit.plots import loss_png
 from lorakit.state import adapter_state_dict
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist
-from lorakit.training import preflight
+from lorakit.training import model_setup, preflight
 from lorakit.training.data import display_prompt
 from lorakit.training.evaluate import eval_loss, format_table, generation_eval
 from lorakit.training.loop import Trainer
@@ -38,7 +36,7 @@ from lorakit.training.trackers import Trackers, parse_report_to, require_tracker
 from lorakit.training.train_config import TrainConfig, build_config
 
 logger = logging.getLogger("lorakit.training")
-ADAPTER = "default"
+ADAPTER = model_setup.ADAPTER
 
 
 @dataclass
@@ -61,48 +59,6 @@ class TrainResult:
 
     def table(self) -> str:
         return format_table({"before": self.before, "after": self.after})
-
-
-def _load_model(name: str, revision: str | None = None, dtype: str = "fp32"):
-    from lorakit.models import load_model
-
-    return load_model(name, revision=revision, dtype=dtype)
-
-
-def _lora_config(cfg: TrainConfig, model: torch.nn.Module):
-    from lorakit import LoraConfig
-
-    targets = list(cfg.target_modules) if isinstance(cfg.target_modules, tuple) else cfg.target_modules
-    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else default_alpha(cfg.r)
-    return LoraConfig(
-        r=cfg.r,
-        lora_alpha=alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        use_rslora=cfg.use_rslora,
-        use_dora=cfg.use_dora,
-        init_lora_weights=cfg.init_lora_weights,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=_base_name(cfg, model),
-        revision=cfg.revision,
-    )
-
-
-def _base_name(cfg: TrainConfig, model: torch.nn.Module) -> str | None:
-    """The Hub id when one is known (what PEFT, vLLM and llama.cpp look the base up by), else the name given."""
-    from lorakit.models import base_model_id
-
-    loaded = getattr(model, "name_or_path", None)
-    return loaded if isinstance(loaded, str) and loaded else base_model_id(cfg.model)
-
-
-def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    if not hasattr(model, "gradient_checkpointing_enable"):
-        logger.warning("this model has no gradient_checkpointing_enable(); training without it.")
-        return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = False
 
 
 def _eval_all(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d: dist.Dist) -> dict[str, Any]:
@@ -128,37 +84,6 @@ def _eval_loss_fn(model, examples, pad_id, batch_size, autocast, d: dist.Dist):
     if not examples:
         return None
     return lambda: eval_loss(model, examples, pad_id, batch_size, autocast, d)
-
-
-def _per_process_batch(cfg: TrainConfig, d: dist.Dist) -> TrainConfig:
-    """``global_batch_size`` -> rows per micro-batch per process; it must divide evenly."""
-    if cfg.global_batch_size is None:
-        return cfg
-    share = d.world_size * cfg.gradient_accumulation_steps
-    if cfg.global_batch_size % share:
-        raise ConfigError(
-            f"global_batch_size={cfg.global_batch_size} is not divisible by {d.world_size} processes x "
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} = {share}; use a multiple of {share}, "
-            "or set --batch-size (rows per process per micro-batch) instead."
-        )
-    return dataclasses.replace(cfg, batch_size=cfg.global_batch_size // share)
-
-
-def _load_base(cfg: TrainConfig, d: dist.Dist):
-    """Load the base model; with several processes per machine, local rank 0 first (it fills the model cache)."""
-    from lorakit.models import resolve_model_source
-
-    resolve_model_source(cfg.model, cfg.revision)  # a bad name fails on every process alike, before anyone waits
-    if d.enabled and d.local_rank != 0:
-        dist.barrier(d, "waiting for local rank 0 to load the model")
-    model, tokenizer = _load_model(cfg.model, cfg.revision, cfg.dtype)
-    if d.enabled and d.local_rank == 0:
-        dist.barrier(d, "waiting for the other processes to load the model")
-    # Under FSDP the model stays on the CPU: fully_shard moves each layer to the device as it shards it, so the
-    # whole base never has to fit on one device.
-    if d.device.type != "cpu" and not d.fsdp:
-        model = model.to(d.device)
-    return model, tokenizer
 
 
 def run_training(
@@ -210,7 +135,7 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
         raise ConfigError(
             "run_training(model=...) also needs tokenizer=...: pass the tokenizer that goes with the model"
         )
-    run_cfg = dist.on_main(d, lambda: _per_process_batch(cfg, d), "checking the batch size")
+    run_cfg = dist.on_main(d, lambda: model_setup.per_process_batch(cfg, d), "checking the batch size")
     rows, eval_rows = read_train_eval(cfg)
     require_trackers(parse_report_to(cfg.report_to))  # a missing extra fails before the model loads
     out = dist.on_main(
@@ -219,7 +144,7 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
         "checking the output directory",
     )
     _log_processes(run_cfg, d)
-    model, tokenizer = _prepare_model(cfg, model, tokenizer, d)
+    model, tokenizer = model_setup.prepare_model(cfg, model, tokenizer, d)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_examples = tokenize_rows(rows, tokenizer, cfg.max_length, cfg.mask_prompt, cfg.chat_template)[0]
     eval_examples = []
@@ -228,7 +153,7 @@ def _run(cfg: TrainConfig, model, tokenizer, d: dist.Dist) -> TrainResult:
     logger.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
     if cfg.packing:
         train_examples = _pack(model, train_examples, cfg.max_length)
-    _preflight(model, d)
+    model_setup.preflight_model(model, d)
     autocast = make_autocast(cfg.precision, next(model.parameters()).device)
     evals = _Evals(model, tokenizer, cfg, eval_rows, eval_examples, pad_id, autocast, d)
     trainer = _make_trainer(model, train_examples, run_cfg, out, pad_id, autocast, evals, d)
@@ -306,33 +231,6 @@ def _log_processes(run_cfg: TrainConfig, d: dist.Dist) -> None:
     )
 
 
-def _prepare_model(cfg: TrainConfig, model, tokenizer, d: dist.Dist):
-    """Load the base (unless given), quantize it if asked, and add the trainable adapter; returns (model, tok)."""
-    if model is None:
-        model, tokenizer = _load_base(cfg, d)
-    if cfg.quantize:
-        from lorakit.quant import is_quantized, quantize, quantized_bytes
-
-        if not any(is_quantized(m) for m in model.modules()):  # a caller's model may come quantized already
-            quantize(model, cfg.quantize)
-        logger.info("quantized the frozen base to %s: %s", cfg.quantize, quantized_bytes(model))
-    torch.manual_seed(cfg.seed)
-    add_adapter(model, _lora_config(cfg, model), ADAPTER)
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    return model, tokenizer
-
-
-def _preflight(model, d: dist.Dist) -> None:
-    """Say what is adapted, check that the adapter saves and loads, and give every process the same start."""
-    logger.info(preflight.targets_summary(model, ADAPTER))
-    preflight.check_round_trip(model, ADAPTER)
-    if d.enabled:
-        dist.broadcast_params(d, [p for p in model.parameters() if p.requires_grad])  # identical starting adapters
-    if d.fsdp:
-        dist.shard_model(model, d)
-
-
 @dataclass
 class _Evals:
     """What evaluating the model needs (the same before and after training)."""
@@ -361,7 +259,7 @@ def _make_trainer(model, train_examples, run_cfg, out: Path, pad_id: int, autoca
         pad_id,
         write_adapter_fn=lambda p, state: save_adapter(model, p, ADAPTER, state_dict=state),
         get_state=lambda: dist.full_state(adapter_state_dict(model, ADAPTER)),
-        set_state=lambda s: _set_adapter_state(model, s, d),
+        set_state=lambda s: model_setup.set_adapter_state(model, s, d),
         autocast=autocast,
         eval_fn=_eval_loss_fn(model, evals.examples, pad_id, evals.cfg.eval_batch_size, autocast, d),
         on_first_backward=lambda: preflight.check_gradients(model, ADAPTER),
@@ -422,15 +320,3 @@ def _write_card(out: Path, cfg: TrainConfig, result: TrainResult) -> None:
                 "seed": cfg.seed, "train time": f"{result.train_seconds:.0f} s",
                 "final loss": result.final_loss}  # fmt: skip
     update_card(out, CardInfo(training=training, eval_table=result.table(), title=out.name), result.trainable_params)
-
-
-def _set_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor], d: dist.Dist) -> None:
-    """Restore full adapter tensors (from a checkpoint) into the model; under FSDP into this process's shards."""
-    from lorakit.state import load_adapter_state_dict
-
-    if not d.fsdp:
-        load_adapter_state_dict(model, state, ADAPTER, source="checkpoint")
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
