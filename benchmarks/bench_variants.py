@@ -6,7 +6,9 @@ run, each checkpoint's adapter is put back into the trained model and scored by 
 a fixed held-out subset. So one 80-step run gives the whole learning curve (same cosine schedule as the real
 job). Tasks: the main job (JSON extraction from free-text orders) and a second generated task (dates written
 out in words -> ISO 8601), both seeded. Results are appended to benchmarks/results/variants.json after every run,
-so a partial sweep still reports what it covered.
+so a partial sweep still reports what it covered; runs from earlier passes are kept (a run with the same task,
+variant, seed and steps is replaced), and each pass's provenance (commit, command, machine, load) is listed under
+``passes``.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/bench_variants.py --seeds 42 43 --eval-rows 40
 """
@@ -15,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
-import platform
 import random
 import sys
 import tempfile
@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 from lorakit.training.grid import VARIANTS  # the sweep's variant table: one source
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import finish, provenance, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "variants.json"
@@ -116,15 +119,22 @@ def main() -> None:
     from lorakit.models import load_model
 
     base, tokenizer = load_model("smollm2-135m-instruct")
-    report = {
-        "command": "python " + " ".join(sys.argv),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads, shared with other jobs (step times are noisy)",
-        "model": "smollm2-135m-instruct", "steps": args.steps,
-        "batch_size": args.batch_size, "eval_rows": args.eval_rows, "seeds": args.seeds,
-        "variants": {k: v for k, v in VARIANTS.items() if k in args.variants}, "runs": [],
-    }  # fmt: skip
+    prov = provenance()
+    prov["threads"] = torch.get_num_threads()
+    report = json.loads(OUT.read_text(encoding="utf-8")) if OUT.is_file() else {}
+    report.setdefault("passes", [])
+    if "command" in report:  # the first pass's fields, from before passes were listed
+        report["passes"].append({k: report.pop(k) for k in ("command", "date", "machine") if k in report})
+    report.update(
+        model="smollm2-135m-instruct",
+        batch_size=args.batch_size,
+        eval_rows=args.eval_rows,
+        variants={**report.get("variants", {}), **{k: v for k, v in VARIANTS.items() if k in args.variants}},
+    )
+    report["passes"].append(prov)
+    for run in report.setdefault("runs", []):  # steps and seed are per run now
+        run.setdefault("steps", report.get("steps"))
+    report.pop("steps", None), report.pop("seeds", None)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         all_tasks = tasks(tmp, args.eval_rows)
@@ -136,10 +146,17 @@ def main() -> None:
                         row = one_run(base, tokenizer, all_tasks[task], variant, seed, args, tmp)
                     except Exception as exc:  # e.g. a diverging variant (NaN): record it, keep sweeping
                         row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                    row.update(task=task, variant=variant, seed=seed, wall_seconds=round(time.perf_counter() - t0, 1))
-                    report["runs"].append(row)
+                    row.update(task=task, variant=variant, seed=seed, steps=args.steps,
+                               wall_seconds=round(time.perf_counter() - t0, 1), commit=prov["commit"])  # fmt: skip
+                    same = (task, variant, seed, args.steps)
+                    report["runs"] = [r for r in report["runs"] if _key(r) != same] + [row]
                     print(json.dumps(row), flush=True)
-                    OUT.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+                    finish(prov)
+                    write_results(OUT, report)
+
+
+def _key(run: dict) -> tuple:
+    return run["task"], run["variant"], run["seed"], run["steps"]
 
 
 if __name__ == "__main__":
