@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import torch
+from provenance import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
 
 import lorakit
 from lorakit.inference import DecodeEngine
@@ -37,8 +40,9 @@ from lorakit.serve.server import build_state, serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ["a0", "a1", "a2", "a3"]
-FORMATS = ["fp32", "bf16", "int8", "int4"]
-QUALITY_FORMATS = ["fp32", "bf16", "int8", "int4", "nf4"]
+FORMATS = ["fp32", "fp16", "bf16", "int8", "int4"]
+QUALITY_FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "nf4"]
+SERVED = ["fp32", "fp16"]  # base formats the 16-request HTTP run is measured with
 OPEN_TEXTS = ["Write a short poem about the sea.", "Explain photosynthesis to a child.", "Why is the sky blue?",
               "Give me three tips for studying.", "Tell me a story about a robot.", "How do I boil an egg?",
               "Describe a sunset in Paris.", "How do airplanes fly?"]  # fmt: skip
@@ -111,13 +115,20 @@ async def _http(url: str, jobs: list[tuple[str, list[int]]], tokens: int) -> int
         return sum(await asyncio.gather(*(one(a, p) for a, p in jobs)))
 
 
-def http_rounds(url: str, prompts: list[list[int]], tokens: int) -> dict:
-    """tokens/s of one streamed request and of 16 concurrent requests over 4 adapters, through HTTP."""
+def http_rounds(urls: dict[str, str], prompts: list[list[int]], tokens: int) -> dict:
+    """tokens/s of one streamed request (fp32) and of 16 concurrent requests over 4 adapters, through HTTP."""
     one = [("a0", prompts[0])]
     many = [(ADAPTERS[i % 4], prompts[i % len(prompts)]) for i in range(16)]
-    s1, n1 = timed(lambda: asyncio.run(_http(url, one, tokens)))
-    s16, n16 = timed(lambda: asyncio.run(_http(url, many, tokens)))
-    return {"lorakit serve, 1 request (HTTP, SSE)": n1 / s1, "lorakit serve, 16 requests / 4 adapters": n16 / s16}
+    s1, n1 = timed(lambda: asyncio.run(_http(urls["fp32"], one, tokens)))
+    out = {"lorakit serve, 1 request (HTTP, SSE)": n1 / s1}
+    for fmt, url in urls.items():
+        s16, n16 = timed(lambda u=url: asyncio.run(_http(u, many, tokens)))
+        out[f"lorakit serve, 16 requests / 4 adapters{_served(fmt)}"] = n16 / s16
+    return out
+
+
+def _served(fmt: str) -> str:
+    return "" if fmt == "fp32" else f" ({fmt} base)"
 
 
 def llamacpp_rounds(llm, prompts: list[list[int]], tokens: int) -> dict:
@@ -197,6 +208,11 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: lis
     lorakit.load_adapter(model, folder / "a0", name="a0")
     longest = max(map(len, prompts)) + args.tokens + 1
     engines = {fmt: DecodeEngine(model, weights=fmt, max_batch=1, max_len=longest) for fmt in FORMATS}
+    if args.compile:
+        engines["fp32, torch.compile"] = DecodeEngine(model, max_batch=1, max_len=longest, compile=True)
+    compile_s = {}
+    for name, engine in engines.items():  # warm-up: one-time costs (compilation, first-touch) stay out of the rounds
+        compile_s[name], _ = timed(lambda e=engine: run_engine(e, [prompts[0]], ["a0"], 4, set()))
     llm = None
     try:
         from decode_llamacpp import LlamaCpp
@@ -210,15 +226,20 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: lis
     except ImportError as exc:
         print(f"llama.cpp skipped: {exc}")
     lorakit.delete_adapter(model, "a0")
-    state = build_state(model, tokenizer, base_name="base", adapters_dir=folder, max_batch_size=16)
     from lorakit.training.evaluate import stop_token_ids
 
     stops, rounds = set(stop_token_ids(tokenizer)), []
-    with serve_in_thread(state) as url:
-        asyncio.run(_http(url, [(a, prompts[0]) for a in ADAPTERS], 2))  # warm-up: loads the adapters
+    with ExitStack() as stack:
+        urls = {}
+        for fmt in SERVED:  # one server per base format, each on its own copy of the model (its own adapters)
+            served = model if fmt == "fp32" else copy.deepcopy(model)
+            state = build_state(served, tokenizer, base_name="base", adapters_dir=folder, max_batch_size=16,
+                                weights=fmt)  # fmt: skip
+            urls[fmt] = stack.enter_context(serve_in_thread(state))
+            asyncio.run(_http(urls[fmt], [(a, prompts[0]) for a in ADAPTERS], 2))  # warm-up: loads the adapters
         for r in range(args.rounds):
             sample = single_stream(model, engines, prompts[0], args.tokens, stops)
-            sample.update(http_rounds(url, prompts, args.tokens))
+            sample.update(http_rounds(urls, prompts, args.tokens))
             if llm is not None:
                 sample.update(llamacpp_rounds(llm, prompts, args.tokens))
             print(f"threads={threads} round {r}: " + ", ".join(f"{k}: {v:.1f}" for k, v in sample.items()), flush=True)
@@ -227,7 +248,8 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: lis
         lorakit.delete_adapter(model, name)
     return {"rounds": rounds, "tokens_per_s": summarize(rounds), "ratios": summarize([ratios(r) for r in rounds]),
             "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
-            "weight_mb": {f: e.weight_bytes / 2**20 for f, e in engines.items()}}  # fmt: skip
+            "weight_mb": {f: e.weight_bytes / 2**20 for f, e in engines.items()},
+            "warm_up_seconds": compile_s}  # fmt: skip
 
 
 RATIOS = {  # name: (numerator, denominator), each taken within one round (side by side)
@@ -235,10 +257,15 @@ RATIOS = {  # name: (numerator, denominator), each taken within one round (side 
                                                 "lorakit engine fp32, in process, stops at EOS (as served)"),
     "engine fp32 / transformers generate": ("lorakit engine fp32", "transformers generate (unmerged)"),
     "engine fp32 / llama.cpp (single stream)": ("lorakit engine fp32", "llama.cpp Q4_1 + LoRA"),
+    "engine fp16 / llama.cpp (single stream)": ("lorakit engine fp16", "llama.cpp Q4_1 + LoRA"),
+    "engine fp16 / engine fp32": ("lorakit engine fp16", "lorakit engine fp32"),
+    "engine fp32 torch.compile / eager": ("lorakit engine fp32, torch.compile", "lorakit engine fp32"),
     "engine int8 / llama.cpp (single stream)": ("lorakit engine int8", "llama.cpp Q4_1 + LoRA"),
     "engine int4 / llama.cpp (single stream)": ("lorakit engine int4", "llama.cpp Q4_1 + LoRA"),
     "serve 16 requests / llama.cpp one after another": ("lorakit serve, 16 requests / 4 adapters",
                                                         "llama.cpp, 16 requests one after another"),
+    "serve 16 requests (fp16 base) / llama.cpp one after another": (
+        "lorakit serve, 16 requests / 4 adapters (fp16 base)", "llama.cpp, 16 requests one after another"),
 }  # fmt: skip
 
 
@@ -252,6 +279,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality-rows", type=int, default=100)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd fp32 engine (single stream)")
     parser.add_argument("--quality-formats", nargs="+", default=QUALITY_FORMATS, choices=QUALITY_FORMATS)
     parser.add_argument(
         "--adapter", default=str(ROOT / "runs/orders"), help="the main job's output folder (record_main_job.py)"
@@ -265,7 +293,8 @@ def main() -> None:
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                  "load_avg_at_start": os.getloadavg(), "torch": torch.__version__},
                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": default_model_name(),
-                     "new_tokens": args.tokens, "rounds": args.rounds, "greedy": True}  # fmt: skip
+                     "new_tokens": args.tokens, "rounds": args.rounds, "greedy": True,
+                     "provenance": provenance()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         results["adapter_trained"] = prepare_adapters(model, Path(args.adapter), folder)

@@ -96,3 +96,10 @@ def test_bad_input_prints_one_line_and_exits_non_zero(default_model_dir, argv, e
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lorakit: error")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr
+
+
+def test_cli_weight_choices_are_the_engine_formats():
+    from lorakit.cli.options import WEIGHT_FORMATS as CLI_FORMATS
+    from lorakit.inference.weights import WEIGHT_FORMATS
+
+    assert CLI_FORMATS == WEIGHT_FORMATS

@@ -127,3 +127,33 @@ def test_a_dora_adapter_is_not_run_by_the_fast_path(lora_llama):
     assert "DoRA" in lorakit.inference.unsupported_reason(lora_llama)
     with pytest.raises(ConfigError, match="DoRA"):
         DecodeEngine(lora_llama, max_batch=1, max_len=16)
+
+
+def test_fp16_weights_are_fp32_math_on_the_fp16_rounded_base(lora_llama):
+    """The fp16 format rounds the frozen base only: equal to fp32 decoding of a model whose base is fp16-rounded
+    (adapters untouched), rows of different lengths and adapters together."""
+    import copy
+
+    from lorakit.inference import llama
+    from lorakit.layers.base import LoraLayer
+
+    ids, rows = prompts(3, seed=11), ["qv", None, "all"]
+    rounded = copy.deepcopy(lora_llama)
+    with torch.no_grad():
+        for layer in rounded.model.layers:
+            for path in [p for parts in llama.FUSED.values() for p in parts]:  # the base projections, not A/B
+                module = layer.get_submodule(path)
+                base = module.base_layer if isinstance(module, LoraLayer) else module
+                base.weight.copy_(base.weight.half().float())
+        head = rounded.lm_head.weight.half().float()  # the LM head is packed too (the embedding stays fp32)
+        rounded.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
+    want = DecodeEngine(rounded, max_batch=3, max_len=30)
+    got = DecodeEngine(lora_llama, weights="fp16", max_batch=3, max_len=30)
+    a, b = want.prefill(ids, rows), got.prefill(ids, rows)
+    torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
+    for _ in range(4):
+        tokens = a.argmax(-1)
+        a, b = want.decode(tokens), got.decode(tokens)
+        torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
+    exact = DecodeEngine(lora_llama, max_batch=3, max_len=30).prefill(ids, rows)
+    assert (exact - a).abs().max() > 1e-6  # the rounding changes the numbers: the test is not fp32 vs fp32

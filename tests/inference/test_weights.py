@@ -10,7 +10,7 @@ from lorakit.errors import ConfigError
 from lorakit.inference.weights import PackedWeight, pack_int4, quantize_int8
 
 # Relative error of y = x W^T (Frobenius) that each format must stay under, for Gaussian weights.
-BOUNDS = {"fp32": 1e-6, "bf16": 1e-2, "int8": 1.5e-2, "int4": 0.12, "nf4": 0.12}
+BOUNDS = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2, "int8": 1.5e-2, "int4": 0.12, "nf4": 0.12}
 
 
 @pytest.mark.parametrize("fmt", list(BOUNDS))
@@ -36,7 +36,7 @@ def test_int8_codes_and_scales_reconstruct_the_weight():
 def test_bytes_per_format_shrink_as_documented():
     w = torch.randn(128, 256)
     sizes = {fmt: PackedWeight(w, None, fmt).nbytes for fmt in BOUNDS}
-    assert sizes["fp32"] == 128 * 256 * 4 and sizes["bf16"] == 128 * 256 * 2
+    assert sizes["fp32"] == 128 * 256 * 4 and sizes["bf16"] == sizes["fp16"] == 128 * 256 * 2
     assert sizes["int8"] == 128 * 256 + 128 * 2
     assert sizes["int4"] < sizes["int8"] / 1.5 and sizes["nf4"] < sizes["int8"] / 1.5
 
@@ -48,3 +48,16 @@ def test_fp32_shares_the_model_weight_and_bad_inputs_raise():
         PackedWeight(w, None, "int3")
     with pytest.raises(ConfigError, match="divisible by 32"):
         pack_int4(torch.randn(8, 48))
+
+
+def test_fp16_rounds_only_the_weights_and_each_row_is_its_own():
+    """fp16 = fp32 math on the fp16-rounded weight (activations untouched), whatever the batch-mates."""
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(80, 64, generator=gen) * 0.05, torch.randn(80, generator=gen)
+    x = torch.randn(6, 64, generator=gen)
+    packed = PackedWeight(w, b, "fp16")
+    want = F.linear(x, w.half().float(), b)
+    torch.testing.assert_close(packed(x), want, atol=1e-5, rtol=1e-5)
+    x[1:] *= 1000.0  # huge batch-mates: a per-batch activation scale would change row 0
+    torch.testing.assert_close(packed(x)[0], want[0], atol=1e-5, rtol=1e-5)
+    assert (packed(x) - F.linear(x, w, b)).abs().max() > 0  # the rounding is real: not the fp32 weight

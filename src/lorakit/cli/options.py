@@ -208,6 +208,10 @@ def check_quant_args(args: argparse.Namespace) -> str | None:
     return mode
 
 
+# the fast engine's base weight formats (lorakit.inference.weights.WEIGHT_FORMATS; kept here so argument parsing
+# does not import torch; tests/test_cli.py checks the two agree)
+WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "nf4")
+
 MODEL_HELP = "base model: embedded name (e.g. smollm2-135m-instruct), Hub id (Org/Name), HF folder or .gguf file"
 
 

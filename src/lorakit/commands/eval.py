@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorakit.cli.options import add_model_args, model_kwargs, setup_logging
+from lorakit.cli.options import WEIGHT_FORMATS, add_model_args, model_kwargs, setup_logging
 
 HELP = "greedy-generation exact match of the base model and an adapter, side by side"
 
@@ -33,7 +33,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
         default="fp32",
-        choices=["fp32", "bf16", "int8", "int4", "nf4"],
+        choices=WEIGHT_FORMATS,
         help="base weight format for generation (fast decode path; adapters stay fp32)",
     )
 

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from lorakit.cli.options import WEIGHT_FORMATS
 from lorakit.serve.limits import Limits
 
 _DEFAULTS = Limits()
@@ -33,7 +34,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
         default="fp32",
-        choices=["fp32", "bf16", "int8", "int4", "nf4"],
+        choices=WEIGHT_FORMATS,
         help="base weight format of the fast decode engine (default fp32: same greedy outputs as --reference; "
         "adapters stay fp32; agreement of the others in the README)",
     )

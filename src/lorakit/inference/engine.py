@@ -58,7 +58,7 @@ class DecodeEngine:
         with torch.no_grad():
             positions = torch.arange(max_len, device=self.device)[None]  # (1, T)
             cos, sin = model.model.rotary_emb(self.embed[:1].float()[None], positions)  # (1, T, D)
-        self.cos, self.sin = cos[0].float(), sin[0].float()  # (T, D)
+        self.cos, self.sin = cos[0].float(), llama.signed_sin(sin[0].float())  # (T, D); sin with signs folded in
         self.keys = self.values = torch.zeros(len(self.blocks), max_batch, self.dims.kv_heads, 0, self.dims.head_dim)
         self.rows: list[str | None] = []  # each running row's adapter (None: the base model)
         self.lengths: list[int] = []  # tokens in the cache per row
@@ -206,7 +206,7 @@ class DecodeEngine:
         pos = torch.tensor(self.lengths, device=self.device)  # (rows,)
         span = max(self.lengths) + 1
         self._reserve(span)
-        hidden = self._step(tokens.to(self.device), pos, span)
+        hidden = self._step(tokens.to(self.device), pos, span, len(set(self.lengths)) == 1)
         self.lengths = [n + 1 for n in self.lengths]
         return self._logits(hidden, self.rows)
 
@@ -226,20 +226,28 @@ class DecodeEngine:
             x = self._layer(i, block, x, cos, sin, slice(first, first + n), None)
         return x
 
-    def _decode_hidden(self, tokens: Tensor, pos: Tensor, span: int) -> Tensor:
+    def _decode_hidden(self, tokens: Tensor, pos: Tensor, span: int, same_length: bool) -> Tensor:
+        n = tokens.shape[0]
         x = self.embed[tokens].float()[:, None]  # (rows, 1, hidden)
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (rows, 1, 1, D)
-        cols = torch.arange(span, device=pos.device)
-        mask = (cols[None, :] <= pos[:, None])[:, None, None]  # (rows, 1, 1, span)
+        mask = None  # rows of one length see every column up to it: no mask (SDPA gives the same numbers)
+        if not same_length:
+            cols = torch.arange(span, device=pos.device)
+            mask = (cols[None, :] <= pos[:, None])[:, None, None]  # (rows, 1, 1, span)
+        # where each row's new key/value goes in a layer's cache viewed as (slots * Hkv * T, D)
+        kv, size = self.dims.kv_heads, self.keys.shape[3]
+        slots = torch.arange(self._first, self._first + n, device=pos.device)
+        heads = torch.arange(kv, device=pos.device)
+        where = ((slots[:, None] * kv + heads[None, :]) * size + pos[:, None]).reshape(-1)  # (rows * Hkv,)
         for i, block in enumerate(self.blocks):
-            x = self._layer(i, block, x, cos, sin, pos, mask)
+            x = self._layer(i, block, x, cos, sin, (where, span), mask)
         return x[:, 0]  # (rows, hidden)
 
     def _layer(
-        self, i: int, block: llama.Block, x: Tensor, cos: Tensor, sin: Tensor, where: slice | Tensor,
+        self, i: int, block: llama.Block, x: Tensor, cos: Tensor, sin: Tensor, where: slice | tuple[Tensor, int],
         mask: Tensor | None,
     ) -> Tensor:  # fmt: skip
-        """One decoder layer; ``where`` is the prefill's slots (a slice) or each decode row's position."""
+        """One decoder layer; ``where`` is the prefill's slots (a slice) or the decode's flat cache index and span."""
         n, s, hidden = x.shape
         q, k, v = llama.attention_inputs(block, self.dims, llama.rms_norm(x, block.ln1, self.dims.eps), cos, sin)
         keys, values = self.keys[i], self.values[i]  # (slots, Hkv, T, D)
@@ -247,10 +255,11 @@ class DecodeEngine:
             keys[where, :, :s], values[where, :, :s] = k, v
             attn = llama.attend(q, k, v, None, causal=True)
         else:  # decode: one new column per row, at its own position
+            index, span = where
+            d = self.dims.head_dim
+            keys.view(-1, d).index_copy_(0, index, k.reshape(-1, d))
+            values.view(-1, d).index_copy_(0, index, v.reshape(-1, d))
             lo = self._first
-            rows = torch.arange(lo, lo + n, device=x.device)
-            keys[rows, :, where], values[rows, :, where] = k[:, :, 0], v[:, :, 0]
-            span = mask.shape[-1]
             attn = llama.attend(q, keys[lo : lo + n, :, :span], values[lo : lo + n, :, :span], mask, causal=False)
         x = x + block.linear("o", attn.reshape(n * s, -1)).reshape(n, s, hidden)
         h = llama.rms_norm(x, block.ln2, self.dims.eps).reshape(n * s, hidden)

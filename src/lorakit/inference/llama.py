@@ -97,11 +97,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (x * torch.rsqrt(variance + eps))
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding ``x cos + rotate_half(x) sin`` (``x (n, heads, S, D)``, ``cos/sin (n, 1, S, D)``)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def signed_sin(sin: Tensor) -> Tensor:
+    """``sin`` with its first half negated: what `rotate` multiplies the half-swapped input by."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotary embedding ``x cos + rotate_half(x) sin`` (``x (n, heads, S, D)``, tables ``(n, 1, S, D)``).
+
+    ``rotate_half(x) sin = cat(-x2, x1) * cat(s1, s2) = cat(x2, x1) * cat(-s1, s2)`` exactly (a sign flip rounds
+    nothing), so the half swap is one ``roll`` and the negation sits in the precomputed table (`signed_sin`).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 @dataclass(frozen=True)
@@ -121,15 +129,17 @@ class Dims:
 
 
 def attention_inputs(block: Block, dims: Dims, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``q (n, H, S, D)``, ``k, v (n, Hkv, S, D)`` of ``h (n, S, hidden)``, rotary embedding applied."""
+    """``q (n, H, S, D)``, ``k, v (n, Hkv, S, D)`` of ``h (n, S, hidden)``, rotary embedding applied.
+
+    ``sin`` is the signed table (`signed_sin`); q and k are rotated together, as one tensor of ``H + Hkv`` heads.
+    """
     n, s, _ = h.shape
     qkv = block.linear("qkv", h.reshape(n * s, -1))  # (n*S, (H + 2 Hkv) D)
-    sizes = [dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim, dims.kv_heads * dims.head_dim]
-    q, k, v = qkv.split(sizes, dim=-1)
-    q = q.reshape(n, s, dims.heads, dims.head_dim).transpose(1, 2)
-    k = k.reshape(n, s, dims.kv_heads, dims.head_dim).transpose(1, 2)
+    heads = dims.heads + dims.kv_heads
+    qk, v = qkv.split([heads * dims.head_dim, dims.kv_heads * dims.head_dim], dim=-1)
+    qk = rotate(qk.reshape(n, s, heads, dims.head_dim).transpose(1, 2), cos, sin)  # (n, H + Hkv, S, D)
     v = v.reshape(n, s, dims.kv_heads, dims.head_dim).transpose(1, 2)
-    return rotate(q, cos, sin), rotate(k, cos, sin), v
+    return qk[:, : dims.heads], qk[:, dims.heads :], v
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:

@@ -3,6 +3,11 @@
 Decode at batch 1 reads every weight once per token, so its speed follows the bytes per weight. The formats:
 
 - ``fp32``: the model's own tensor, shared (no copy); exact.
+- ``fp16``: an fp16 copy with fp32 activations and fp32 accumulation: only the weights are rounded (10-bit mantissa,
+  8x finer than bf16's). On x86 CPUs it runs FBGEMM's fp16-weight GEMM (``quantized.linear_dynamic_fp16``: the
+  activations are NOT quantized, each row is computed on its own), which converts weights on the fly and, on this
+  project's AVX2 machine, runs 1.7x the fp32 matmul at batch 1 and at batch 16 (half the bytes, no bf16 casts).
+  On CUDA it is a plain fp16 matmul; elsewhere the weight is widened per call.
 - ``bf16``: a bf16 copy; activations are cast to bf16 for the matmul and the result back to fp32.
 - ``int8``: symmetric per-output-channel int8 (``w ~ q * scale``), PyTorch's weight-only kernel
   (``torch._weight_int8pack_mm``) with bf16 activations (its fp32 path is ~5x slower on AVX2): a quarter of
@@ -23,7 +28,7 @@ from torch import Tensor
 
 from lorakit.errors import ConfigError
 
-WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4", "nf4")
+WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "nf4")
 INT4_GROUP = 32
 
 
@@ -44,6 +49,11 @@ class PackedWeight:
         w = weight.detach()
         if fmt == "fp32":
             self.w = w if w.dtype == torch.float32 else w.float()
+        elif fmt == "fp16":
+            self.w = w.to(torch.float16)
+            self.packed = _fbgemm_fp16(self.w, self.bias) if w.device.type == "cpu" else None
+            if self.packed is not None:
+                self.w = torch.empty(0, dtype=torch.float16)  # FBGEMM holds the only copy
         elif fmt == "bf16":
             self.w = w.to(torch.bfloat16)
         elif fmt == "int8":
@@ -61,6 +71,8 @@ class PackedWeight:
         """Resident bytes of the weight (and its scales)."""
         if self.fmt == "nf4":
             return self.w.nbytes()
+        if self.fmt == "fp16":
+            return self.out_features * self.in_features * 2
         tensors = [self.w, getattr(self, "scale", None)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -68,6 +80,10 @@ class PackedWeight:
         """``x @ W^T + b`` for ``x (n, in)`` fp32, returning ``(n, out)`` fp32."""
         if self.fmt == "fp32":
             y = F.linear(x, self.w)
+        elif self.fmt == "fp16":
+            if self.packed is not None:  # bias applied inside
+                return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+            y = F.linear(x.half(), self.w).float() if x.is_cuda else F.linear(x, self.w.float())
         elif self.fmt == "bf16":
             y = F.linear(x.to(torch.bfloat16), self.w).float()
         elif self.fmt == "int8":
@@ -79,6 +95,13 @@ class PackedWeight:
 
             y = F.linear(x, dequantize_nf4(self.w).to(x.dtype))
         return y if self.bias is None else y + self.bias
+
+
+def _fbgemm_fp16(w16: Tensor, bias: Tensor | None):
+    """FBGEMM's packed fp16 weight (bias inside) for ``quantized.linear_dynamic_fp16``; None where unavailable."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    return torch.ops.quantized.linear_prepack_fp16(w16.float(), bias)
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:

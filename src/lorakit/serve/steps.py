@@ -4,7 +4,7 @@ Two implementations of one small interface, so the scheduler (`lorakit.serve.bat
 are written once:
 
 - `EngineStep` (the default): `lorakit.inference.DecodeEngine`, a static KV cache over packed base weights
-  (fp32: greedy outputs equal the reference path; bf16/int8/int4/nf4: smaller, measured in the README), each
+  (fp32: greedy outputs equal the reference path; fp16/bf16/int8/int4/nf4: smaller, measured in the README), each
   row's adapter applied from stacked factors, never merged.
 - `ReferenceStep`: transformers' forward with a ``DynamicCache`` spliced per batch (`lorakit.serve.kvcache`) and
   each row's adapter through `lorakit.route`. It runs every model and adapter kind (DoRA, embeddings, sliding
