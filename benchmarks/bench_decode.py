@@ -231,8 +231,9 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: lis
     stops, rounds = set(stop_token_ids(tokenizer)), []
     with ExitStack() as stack:
         urls = {}
-        for fmt in SERVED:  # one server per base format, each on its own copy of the model (its own adapters)
-            served = model if fmt == "fp32" else copy.deepcopy(model)
+        # one server per base format, each on its own copy of the model (copied before any server loads adapters)
+        models = {fmt: model if fmt == "fp32" else copy.deepcopy(model) for fmt in SERVED}
+        for fmt, served in models.items():
             state = build_state(served, tokenizer, base_name="base", adapters_dir=folder, max_batch_size=16,
                                 weights=fmt)  # fmt: skip
             urls[fmt] = stack.enter_context(serve_in_thread(state))
