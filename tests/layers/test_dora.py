@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from dora_reference import peft_dora, perturb
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
@@ -24,21 +25,8 @@ def _ids(shape=(2, 10)) -> torch.Tensor:
     return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(3))
 
 
-def _perturb(model: nn.Module, params, seed: int = 1, scale: float = 0.2) -> None:
-    """Non-zero B and a magnitude away from its init, so DoRA's every term shows in the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in params:
-            if "magnitude" in n:
-                p.mul_(1 + scale * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
 def _peft_dora(base: nn.Module, **overrides) -> nn.Module:
-    model = get_peft_model(copy.deepcopy(base), PeftLoraConfig(**{**DORA, **overrides})).eval()
-    _perturb(model, [(n, p) for n, p in model.named_parameters() if "lora_" in n])
-    return model
+    return peft_dora(base, {**DORA, **overrides})
 
 
 def test_row_norm_equals_the_dense_formula() -> None:
@@ -64,19 +52,23 @@ def test_fresh_dora_adapter_has_peft_magnitude_and_is_a_no_op(tiny_llama) -> Non
     torch.testing.assert_close(tiny_llama(ids).logits, before, atol=1e-5, rtol=0)
 
 
-def test_peft_dora_adapter_loads_with_same_logits_and_saves_back(tiny_llama, tmp_path) -> None:
-    peft_model = _peft_dora(tiny_llama)
+def _both_ways(base: nn.Module, peft_model: nn.Module, tmp_path) -> nn.Module:
+    """PEFT's saved adapter loads into a copy of ``base`` with PEFT's logits, and ours loads back into PEFT."""
     ids = _ids()
     theirs = peft_model(ids).logits
     peft_model.save_pretrained(tmp_path / "theirs")
-    ours = copy.deepcopy(tiny_llama)
+    ours = copy.deepcopy(base)
     lorakit.load_adapter(ours, tmp_path / "theirs")
     torch.testing.assert_close(ours(ids).logits, theirs, atol=ATOL, rtol=0)
-    assert (ours(ids).logits - tiny_llama(ids).logits).abs().max() > 1e-2  # the adapter does change the outputs
-
+    assert (ours(ids).logits - base(ids).logits).abs().max() > 1e-2  # the adapter does change the outputs
     lorakit.save_adapter(ours, tmp_path / "ours")
-    again = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "ours").eval()
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     torch.testing.assert_close(again(ids).logits, theirs, atol=ATOL, rtol=0)
+    return ours
+
+
+def test_peft_dora_adapter_loads_with_same_logits_and_saves_back(tiny_llama, tmp_path) -> None:
+    ours = _both_ways(tiny_llama, _peft_dora(tiny_llama), tmp_path)
     assert lorakit.get_config(ours).use_dora is True
 
 
@@ -136,8 +128,8 @@ def test_gpt2_conv1d_dora_equals_peft(tmp_path) -> None:
 def test_dora_and_lora_rows_mix_in_one_routed_batch(tiny_llama) -> None:
     lorakit.add_adapter(tiny_llama, LoraConfig(**DORA), name="dora")
     lorakit.add_adapter(tiny_llama, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]), name="plain")
-    _perturb(tiny_llama, lorakit.adapter_state_dict(tiny_llama, "dora").items(), seed=4)
-    _perturb(tiny_llama, lorakit.adapter_state_dict(tiny_llama, "plain").items(), seed=5)
+    perturb(lorakit.adapter_state_dict(tiny_llama, "dora").items(), seed=4)
+    perturb(lorakit.adapter_state_dict(tiny_llama, "plain").items(), seed=5)
     ids = _ids((3, 8))
     rows = ["dora", None, "plain"]
     with torch.no_grad(), lorakit.route(tiny_llama, rows):
@@ -171,8 +163,8 @@ def test_dora_on_the_nf4_base_equals_dora_on_the_dequantized_base(tiny_llama) ->
     for model in (quantized, dense):
         torch.manual_seed(3)
         lorakit.add_adapter(model, LoraConfig(**DORA))
-    _perturb(dense, lorakit.adapter_state_dict(dense, "default").items(), seed=8)
-    _perturb(quantized, lorakit.adapter_state_dict(quantized, "default").items(), seed=8)
+    perturb(lorakit.adapter_state_dict(dense, "default").items(), seed=8)
+    perturb(lorakit.adapter_state_dict(quantized, "default").items(), seed=8)
     ids = _ids()
     torch.testing.assert_close(quantized(ids).logits, dense(ids).logits, atol=ATOL, rtol=0)
     quantized.train()
@@ -183,7 +175,7 @@ def test_dora_on_the_nf4_base_equals_dora_on_the_dequantized_base(tiny_llama) ->
 def test_merge_quantized_applies_the_dora_formula(tiny_llama) -> None:
     model = lorakit.quantize(copy.deepcopy(tiny_llama))
     lorakit.add_adapter(model, LoraConfig(**DORA))
-    _perturb(model, lorakit.adapter_state_dict(model, "default").items(), seed=6)
+    perturb(lorakit.adapter_state_dict(model, "default").items(), seed=6)
     ids = _ids()
     expected = model(ids).logits
     merged, _ = lorakit.merge_quantized(model, mode="dequant")
@@ -207,18 +199,9 @@ def test_train_flags_reach_the_lora_config() -> None:
 
 def test_dora_on_the_embedding_of_a_llama_equals_peft_both_ways(tiny_llama, tmp_path) -> None:
     """DoRA on embed_tokens (was refused) next to q_proj: PEFT's adapter loads here, ours loads in PEFT."""
-    peft_model = _peft_dora(tiny_llama, target_modules=["embed_tokens", "q_proj"])
-    ids = _ids()
-    theirs = peft_model(ids).logits
-    peft_model.save_pretrained(tmp_path / "theirs")
-    ours = copy.deepcopy(tiny_llama)
-    lorakit.load_adapter(ours, tmp_path / "theirs")
-    torch.testing.assert_close(ours(ids).logits, theirs, atol=ATOL, rtol=0)
+    ours = _both_ways(tiny_llama, _peft_dora(tiny_llama, target_modules=["embed_tokens", "q_proj"]), tmp_path)
     magnitude = ours.model.embed_tokens.lora_magnitude_vector["default"]
     assert magnitude.shape == (tiny_llama.config.hidden_size,)  # one per embedding dimension, as PEFT
-    lorakit.save_adapter(ours, tmp_path / "ours")
-    again = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "ours").eval()
-    torch.testing.assert_close(again(ids).logits, theirs, atol=ATOL, rtol=0)
 
 
 def test_default_model_dora_logits_equal_peft_both_ways(default_model, default_model_dir, tmp_path) -> None:
@@ -230,7 +213,7 @@ def test_default_model_dora_logits_equal_peft_both_ways(default_model, default_m
     cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True)
     peft_model = get_peft_model(load_model(default_model_dir)[0], PeftLoraConfig(**cfg)).eval()
     # trained-adapter sized changes (30 layers amplify rounding differences of a wildly perturbed model)
-    _perturb(peft_model, [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n], seed=9, scale=0.02)
+    perturb([(n, p) for n, p in peft_model.named_parameters() if "lora_" in n], seed=9, scale=0.02)
     with torch.no_grad():
         theirs = peft_model(ids).logits
     peft_model.save_pretrained(tmp_path / "theirs")

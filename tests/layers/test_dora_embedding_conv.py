@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from dora_reference import peft_dora, perturb
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -50,21 +51,8 @@ def _ids(rows: int = 3) -> torch.Tensor:
     return torch.randint(0, 50, (rows, 6), generator=torch.Generator().manual_seed(3))
 
 
-def _perturb(params, seed: int = 1, scale: float = 0.3) -> None:
-    """Non-zero factors and a magnitude away from its init, so every DoRA term shows in the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in params:
-            if "magnitude" in n:
-                p.mul_(1 + scale * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
 def _peft_dora(base: nn.Module, **overrides) -> nn.Module:
-    model = get_peft_model(copy.deepcopy(base), PeftLoraConfig(**{**DORA, **overrides})).eval()
-    _perturb([(n, p) for n, p in model.named_parameters() if "lora_" in n])
-    return model
+    return peft_dora(base, {**DORA, **overrides}, scale=0.3)
 
 
 def _ours_from(peft_model: nn.Module, base: nn.Module, tmp_path) -> nn.Module:
@@ -162,7 +150,7 @@ def test_two_merged_dora_adapters_equal_both_active_and_unmerging_one_replays_th
     model = copy.deepcopy(base)
     for name, seed in (("a", 4), ("b", 5)):
         lorakit.add_adapter(model, LoraConfig(**DORA), name=name)
-        _perturb(lorakit.adapter_state_dict(model, name).items(), seed=seed)
+        perturb(lorakit.adapter_state_dict(model, name).items(), seed=seed, scale=0.3)
     lorakit.set_adapter(model, ["a", "b"])
     ids = _ids()
     both = model(ids)
@@ -179,8 +167,8 @@ def test_dora_and_lora_rows_mix_in_one_routed_batch(base) -> None:
     model = copy.deepcopy(base)
     lorakit.add_adapter(model, LoraConfig(**DORA), name="dora")
     lorakit.add_adapter(model, LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv2"]), name="plain")
-    _perturb(lorakit.adapter_state_dict(model, "dora").items(), seed=4)
-    _perturb(lorakit.adapter_state_dict(model, "plain").items(), seed=5)
+    perturb(lorakit.adapter_state_dict(model, "dora").items(), seed=4, scale=0.3)
+    perturb(lorakit.adapter_state_dict(model, "plain").items(), seed=5, scale=0.3)
     ids = _ids(4)
     rows = ["dora", None, "plain", "dora"]
     with torch.no_grad(), lorakit.route(model, rows):
