@@ -46,6 +46,8 @@ def test_fp32_shares_the_model_weight_and_bad_inputs_raise():
     assert PackedWeight(w, None, "fp32").w.data_ptr() == w.data_ptr()  # no copy
     with pytest.raises(ConfigError, match="not one of"):
         PackedWeight(w, None, "int3")
+    with pytest.raises(ConfigError, match="beyond fp16's range"):
+        PackedWeight(torch.full((4, 32), 7e4), None, "fp16")
     with pytest.raises(ConfigError, match="divisible by 32"):
         pack_int4(torch.randn(8, 48))
 

@@ -5,9 +5,9 @@ Decode at batch 1 reads every weight once per token, so its speed follows the by
 - ``fp32``: the model's own tensor, shared (no copy); exact.
 - ``fp16``: an fp16 copy with fp32 activations and fp32 accumulation: only the weights are rounded (10-bit mantissa,
   8x finer than bf16's). On x86 CPUs it runs FBGEMM's fp16-weight GEMM (``quantized.linear_dynamic_fp16``: the
-  activations are NOT quantized, each row is computed on its own), which converts weights on the fly and, on this
-  project's AVX2 machine, runs 1.7x the fp32 matmul at batch 1 and at batch 16 (half the bytes, no bf16 casts).
-  On CUDA it is a plain fp16 matmul; elsewhere the weight is widened per call.
+  activations are NOT quantized, each row is computed on its own), which converts weights on the fly: half the
+  bytes of fp32 and no bf16 casts (speed: the README's decode table). On CUDA it is a plain fp16 matmul;
+  elsewhere the weight is widened per call. Weights beyond fp16's range (65504) are refused.
 - ``bf16``: a bf16 copy; activations are cast to bf16 for the matmul and the result back to fp32.
 - ``int8``: symmetric per-output-channel int8 (``w ~ q * scale``), PyTorch's weight-only kernel
   (``torch._weight_int8pack_mm``) with bf16 activations (its fp32 path is ~5x slower on AVX2): a quarter of
@@ -50,6 +50,9 @@ class PackedWeight:
         if fmt == "fp32":
             self.w = w if w.dtype == torch.float32 else w.float()
         elif fmt == "fp16":
+            if w.numel() and float(w.abs().max()) > torch.finfo(torch.float16).max:
+                raise ConfigError(f"weight of shape {tuple(w.shape)} has values beyond fp16's range (65504); "
+                                  "use weights='bf16' or 'fp32'")  # fmt: skip
             self.w = w.to(torch.float16)
             self.packed = _fbgemm_fp16(self.w, self.bias) if w.device.type == "cpu" else None
             if self.packed is not None:
