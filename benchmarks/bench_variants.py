@@ -121,20 +121,9 @@ def main() -> None:
     base, tokenizer = load_model("smollm2-135m-instruct")
     prov = provenance()
     prov["threads"] = torch.get_num_threads()
-    report = json.loads(OUT.read_text(encoding="utf-8")) if OUT.is_file() else {}
-    report.setdefault("passes", [])
-    if "command" in report:  # the first pass's fields, from before passes were listed
-        report["passes"].append({k: report.pop(k) for k in ("command", "date", "machine") if k in report})
-    report.update(
-        model="smollm2-135m-instruct",
-        batch_size=args.batch_size,
-        eval_rows=args.eval_rows,
-        variants={**report.get("variants", {}), **{k: v for k, v in VARIANTS.items() if k in args.variants}},
-    )
-    report["passes"].append(prov)
-    for run in report.setdefault("runs", []):  # steps and seed are per run now
-        run.setdefault("steps", report.get("steps"))
-    report.pop("steps", None), report.pop("seeds", None)
+    header = dict(model="smollm2-135m-instruct", batch_size=args.batch_size, eval_rows=args.eval_rows,
+                  variants={k: v for k, v in VARIANTS.items() if k in args.variants})  # fmt: skip
+    record(header, prov, None)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         all_tasks = tasks(tmp, args.eval_rows)
@@ -146,13 +135,38 @@ def main() -> None:
                         row = one_run(base, tokenizer, all_tasks[task], variant, seed, args, tmp)
                     except Exception as exc:  # e.g. a diverging variant (NaN): record it, keep sweeping
                         row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                    row.update(task=task, variant=variant, seed=seed, steps=args.steps,
-                               wall_seconds=round(time.perf_counter() - t0, 1), commit=prov["commit"])  # fmt: skip
-                    same = (task, variant, seed, args.steps)
-                    report["runs"] = [r for r in report["runs"] if _key(r) != same] + [row]
+                    row.update(task=task, variant=variant, seed=seed, steps=args.steps, eval_rows=args.eval_rows,
+                               batch_size=args.batch_size, wall_seconds=round(time.perf_counter() - t0, 1),
+                               commit=prov["commit"])  # fmt: skip
                     print(json.dumps(row), flush=True)
-                    finish(prov)
-                    write_results(OUT, report)
+                    record(header, finish(prov), row)
+
+
+def record(header: dict, prov: dict, row: dict | None) -> None:
+    """Merge this pass's header, provenance and ``row`` into the results file (read-modify-write under a lock).
+
+    Passes may run side by side (each process its own variants): each write re-reads the file, so no pass drops
+    another's runs. A run with the same task, variant, seed and steps as an earlier one replaces it.
+    """
+    import fcntl
+
+    with open(OUT.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = json.loads(OUT.read_text(encoding="utf-8")) if OUT.is_file() else {}
+        passes = report.setdefault("passes", [])
+        if "command" in report:  # the first pass's fields, from before passes were listed
+            passes.append({k: report.pop(k) for k in ("command", "date", "machine") if k in report})
+        for run in report.setdefault("runs", []):  # steps are per run now
+            run.setdefault("steps", report.get("steps"))
+        report.pop("steps", None), report.pop("seeds", None)
+        report.update({k: v for k, v in header.items() if k != "variants"})
+        report["variants"] = {**report.get("variants", {}), **header["variants"]}
+        report["passes"] = [p for p in passes if p.get("date_utc") != prov["date_utc"] or
+                            p.get("command") != prov["command"]] + [prov]  # fmt: skip
+        if row is not None:
+            same = _key(row)
+            report["runs"] = [r for r in report["runs"] if _key(r) != same] + [row]
+        write_results(OUT, report)
 
 
 def _key(run: dict) -> tuple:
