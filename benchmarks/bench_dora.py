@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import finish, json_worker, provenance, reset_peak_rss, status_kib, write_results
 
 OUT = Path(__file__).parent / "results" / "dora.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -118,26 +115,15 @@ def rss_worker(lib: str, batch: int, seq: int) -> None:
 
     gc.collect()
     probe = "VmHWM reset by /proc/self/clear_refs"
-    try:  # the peak so far covers building the model: start it again from the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # then ru_maxrss, which may hide a step that needs less than the build did
+    if not reset_peak_rss():  # then ru_maxrss, which may hide a step that needs less than the build did
         probe = "ru_maxrss (clear_refs not writable: growth is a lower bound)"
-    before = _status_kib("VmRSS") * 1024  # model and adapter built, no step yet
+    before = status_kib("VmRSS") * 1024  # model and adapter built, no step yet
     step(model, ids)
     step(model, ids)
-    peak = _status_kib("VmHWM") * 1024
+    peak = status_kib("VmHWM") * 1024
     if probe.startswith("ru_maxrss"):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"growth": max(peak - before, 0), "peak": peak, "before": before, "probe": probe}))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> None:
@@ -151,7 +137,7 @@ def main() -> None:
     if args.worker:
         rss_worker(args.worker, args.batch, args.seq)
         return
-    load_start = os.getloadavg()
+    prov = provenance()  # machine, load, commit, command; finish() adds the end time and load
     base = base_model()
     models = {lib: build(lib, base)[0] for lib in ("lorakit", "peft")}
     copy_adapter(models["peft"], models["lorakit"])
@@ -176,10 +162,8 @@ def main() -> None:
                         "max": round(max(v) / mib, 1)} for lib, v in rss.items() if v}  # fmt: skip
     rss_ratios = [a / b for a, b in zip(rss["lorakit"], rss["peft"])]
     result = {
-        "command": "python benchmarks/bench_dora.py " + " ".join(sys.argv[1:]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                   "shared with other jobs (timings noisy; ratios of alternating neighbours reported)",
+        "provenance": finish(prov),
+        "threads": torch.get_num_threads(),
         "setup": f"Llama 4 blocks, SmolLM2-135M shapes, DoRA r=16 on {TARGETS}, batch {args.batch} x {args.seq}, fp32",
         "max_logit_diff_vs_peft": diff,
         "step_seconds": {lib: {"median": statistics.median(t), "min": min(t), "max": max(t)}
@@ -191,9 +175,8 @@ def main() -> None:
         "peak_rss_probe": probe,
         "peak_rss_ratio_lorakit_over_peft": {"median": statistics.median(rss_ratios), "min": min(rss_ratios),
                                              "max": max(rss_ratios)} if rss_ratios else None,
-        "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
     }  # fmt: skip
-    OUT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_results(OUT, result)
     print(json.dumps(result, indent=2))
 
 
@@ -204,7 +187,7 @@ def measure_rss(args) -> tuple[dict[str, list[int]], str]:
     for i in range(args.rss_repeats):
         for lib in ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit"):
             cmd = [sys.executable, __file__, "--worker", lib, "--batch", str(args.batch), "--seq", str(args.seq)]
-            report = json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])
+            report = json_worker(cmd)
             rss[lib].append(report["growth"])
             probe = report["probe"]
             print("rss", lib, report, flush=True)

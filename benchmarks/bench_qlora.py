@@ -21,12 +21,12 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import finish, json_worker, provenance, reset_peak_rss, status_kib, write_results
 
 import lorakit
 from lorakit import LoraConfig
@@ -42,13 +42,6 @@ TEXT = (
 
 def _config(dropout: float = 0.0, init: bool = True) -> LoraConfig:
     return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=init)
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
 
 
 def worker(kind: str, batch: int, seq: int, reps: int, device: str = "cpu") -> dict:
@@ -82,8 +75,9 @@ def worker(kind: str, batch: int, seq: int, reps: int, device: str = "cpu") -> d
         rss_setup = torch.cuda.memory_allocated(device) / 1024
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        rss_setup = _rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+        rss_setup = status_kib("VmRSS")
+        if not reset_peak_rss():  # the peak (VmHWM) restarts from the current RSS
+            raise RuntimeError("/proc/self/clear_refs is not writable: the step's peak RSS cannot be measured")
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -91,7 +85,7 @@ def worker(kind: str, batch: int, seq: int, reps: int, device: str = "cpu") -> d
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 1024 if cuda else _rss_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) / 1024 if cuda else status_kib("VmHWM")
     return {"step_s": statistics.median(times), "rss_setup_mib": rss_setup / 1024, "peak_mib": peak / 1024,
             "step_peak_above_setup_mib": (peak - rss_setup) / 1024}  # fmt: skip
 
@@ -102,8 +96,7 @@ def _run_worker(kind: str, args) -> dict:
     # A fixed mmap threshold: glibc otherwise raises it as big blocks are freed (e.g. the fp32 weights replaced by
     # NF4 codes), keeps later frees in its heap and RSS stops reflecting live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json_worker(cmd, env)
 
 
 def _alternate(args) -> dict[str, dict]:
@@ -179,6 +172,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seq, args.reps)))
         return
+    prov = provenance()
     base, tokenizer = load_model("smollm2-135m-instruct")
     q = copy.deepcopy(base)
     start = time.perf_counter()
@@ -189,11 +183,11 @@ def main() -> None:
     losses, trained = train_curve(base, tokenizer, args.steps)
     drift = merge_drift(base, trained, tokenizer)
     steps = _alternate(args)
-    result = {"model": "smollm2-135m-instruct", "batch": args.batch, "seq": args.seq, "threads": args.threads,
+    result = {"provenance": finish(prov), "model": "smollm2-135m-instruct", "batch": args.batch, "seq": args.seq,
+              "threads": args.threads,
               "device": "cpu", "storage": storage, "grad_equality": grads, "qlora_losses": losses,
               "merge_drift": drift, "step": steps}  # fmt: skip
-    out = Path(__file__).parent / "results" / "qlora.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(Path(__file__).parent / "results" / "qlora.json", result)
     f, ql = steps["fp32"], steps["qlora"]
     print("| measure | fp32 LoRA | QLoRA (NF4 + double quant) | ratio |\n|---|---|---|---|")
     print(f"| Linear weight bytes (blocks) | {storage['fp32_bytes'] / 2**20:.1f} MiB | "

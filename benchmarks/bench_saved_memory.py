@@ -13,13 +13,13 @@ Writes benchmarks/results/saved_memory.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_speed import CONFIGS, build, step_loss  # noqa: E402
+from provenance import finish, provenance, write_results  # noqa: E402
 
 MEASURED = [name for name in CONFIGS if name != "full"]
 
@@ -53,6 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    prov = provenance()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mib = {name: saved_bytes(name, args.batch, args.seq, device) / 2**20 for name in MEASURED}
@@ -65,9 +66,9 @@ def main() -> None:
         ratio = over_ours / over_theirs if over_theirs > 0 else None
         rows.append({"config": label, "lorakit_mib": mib[ours], "peft_mib": mib[theirs], "lorakit_over_base_mib":
                      over_ours, "peft_over_base_mib": over_theirs, "overhead_ratio": ratio})  # fmt: skip
-    result = {"batch": args.batch, "seq": args.seq, "device": device, "lower_bound_mib": base, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = {"provenance": finish(prov), "batch": args.batch, "seq": args.seq, "device": device,
+              "lower_bound_mib": base, "rows": rows}  # fmt: skip
+    write_results(args.out, result)
     print(f"saved for backward, batch {args.batch} x {args.seq} ({device}); lower bound {base:.1f} MiB\n")
     print("| config | lorakit MiB | PEFT MiB | lorakit above lower bound | PEFT above lower bound | ratio |")
     print("|---|---|---|---|---|---|")

@@ -15,10 +15,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import finish, json_worker, provenance, write_results
 
 RANKS = (8, 16, 32)
 
@@ -77,16 +78,17 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seq, args.threads)))
         return
+    prov = provenance()
     runs: dict[str, list[dict]] = {"sequential": [], "routed": []}
     for _ in range(args.reps):
         for mode in runs:
             cmd = [sys.executable, __file__, "--worker", mode, "--batch", str(args.batch), "--seq", str(args.seq),
                    "--threads", str(args.threads)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+            runs[mode].append(json_worker(cmd))
     res = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
-    result = {"batch": args.batch, "seq": args.seq, "threads": args.threads, "ranks": RANKS, "modes": res}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = {"provenance": finish(prov), "batch": args.batch, "seq": args.seq, "threads": args.threads,
+              "ranks": RANKS, "modes": res}  # fmt: skip
+    write_results(args.out, result)
     s, r = res["sequential"], res["routed"]
     print("| 3 sweep configs, one step each | time | peak RSS |\n|---|---|---|")
     print(f"| one after another | {s['step_s']:.2f} s | {s['peak_rss_gib']:.2f} GiB |")

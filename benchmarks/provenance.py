@@ -1,7 +1,10 @@
-"""Where a results file came from: machine, date, commit and the exact command, stored inside the file.
+"""Where a results file came from (machine, date, commit, exact command), and the measuring plumbing benchmarks share.
 
 Every script that writes ``benchmarks/results/*.json`` for a README figure puts ``provenance(...)`` under the
 key ``"provenance"``, so a number can be traced to the run that made it. ``write_results`` writes atomically.
+Memory benchmarks measure in fresh processes: `json_worker` runs one and reads the JSON line it prints last;
+inside it, `status_kib` reads ``/proc/self/status`` and `reset_peak_rss` restarts the peak (``VmHWM``) from the
+current RSS, so the peak a worker reports is what its measured steps needed, not what building the model took.
 """
 
 from __future__ import annotations
@@ -106,3 +109,26 @@ def write_results(path: Path | str, results: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``: resident now, ``VmHWM``: the peak); -1 when absent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak RSS (``VmHWM``) from the current RSS; False where ``/proc/self/clear_refs`` is not writable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def json_worker(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` (a benchmark's ``--worker`` mode) in a fresh process; the JSON object it printed last."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
