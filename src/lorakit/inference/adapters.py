@@ -95,3 +95,12 @@ def layer_version(layer: LoraLayer | None) -> tuple:
         a, b = layer.factors(n)
         key.append((n, id(a), a._version, id(b), b._version, layer.scaling[n]))
     return tuple(key)
+
+
+def adapter_versions(layers: Sequence[LoraLayer | None]) -> dict[str, tuple]:
+    """Per adapter name, the identity and version counters of its factors across ``layers`` (Nones skipped)."""
+    out: dict[str, list] = {}
+    for layer in layers:
+        for n, *version in layer_version(layer):
+            out.setdefault(n, []).append(tuple(version))
+    return {n: tuple(v) for n, v in out.items()}

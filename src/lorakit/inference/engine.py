@@ -5,6 +5,10 @@ rows always occupy slots ``0..rows-1`` (`keep` compacts when rows leave), so a s
 the cache, never a copy. Each row has its own length: a decode step writes each row's new key/value at that row's
 position and masks columns past it, so rows of different lengths decode together without padding. Prompts are
 prefilled right-padded into fresh slots (padding columns sit past the row's length: masked, then overwritten).
+
+Prompts that start like an earlier prompt under the same adapter reuse that start's keys and values from a
+`lorakit.inference.prefix.PrefixCache` and compute only the rest: a decode step over several new tokens per row
+(each row's start copied into its slot, its own positions, a causal mask over the columns).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from torch import Tensor, nn
 
 from lorakit.errors import ConfigError
 from lorakit.inference import llama
-from lorakit.inference.adapters import ProjectionAdapters, layer_version
+from lorakit.inference.adapters import ProjectionAdapters, adapter_versions, layer_version
+from lorakit.inference.prefix import PrefixCache
 from lorakit.inference.weights import PackedWeight
 from lorakit.layers.base import LoraLayer
 
@@ -31,6 +36,8 @@ class DecodeEngine:
         max_batch: Most rows decoding together.
         max_len: Most tokens (prompt + generated) per row; default: the model's context, at most 4096.
         compile: ``torch.compile`` the decode step (CPU: measured, see the README; CUDA: with CUDA graphs).
+        prefix_cache_mb: Memory for earlier prompts' keys and values (`lorakit.inference.prefix`), reused by
+            prompts that start the same way under the same adapter; 0 turns the prefix cache off.
 
     Raises:
         ConfigError: The model is not one the fast path supports, or a bad size / format.
@@ -38,7 +45,7 @@ class DecodeEngine:
 
     def __init__(
         self, model: nn.Module, *, weights: str = "fp32", max_batch: int = 8, max_len: int | None = None,
-        compile: bool = False,
+        compile: bool = False, prefix_cache_mb: float = 256.0,
     ) -> None:  # fmt: skip
         reason = llama.unsupported_reason(model)
         if reason is not None:
@@ -47,6 +54,11 @@ class DecodeEngine:
         max_len = min(context, 4096) if max_len is None else max_len
         if max_batch < 1 or not 1 < max_len <= context:
             raise ConfigError(f"max_batch must be >= 1 and max_len in 2..{context}, got {max_batch} and {max_len}")
+        if not prefix_cache_mb >= 0:
+            raise ConfigError(f"prefix_cache_mb must be >= 0 (0: off), got {prefix_cache_mb}")
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20))
+        self._factors_key: tuple | None = None  # every adapter's factor versions at the last prefill
+        self._versions: dict[str, tuple] = {}  # the same, per adapter name
         self.model, self.fmt, self.max_batch, self.max_len = model, weights, max_batch, max_len
         self.dims = llama.Dims.of(model)
         param = next(model.parameters())
@@ -87,6 +99,7 @@ class DecodeEngine:
                 versions = llama.weight_versions(mods)
                 if versions != block.versions[key]:
                     block.proj[key], block.versions[key] = llama.fuse(mods, self.fmt), versions
+                    self.prefix.clear()  # its keys and values came from the old weights
 
     @property
     def weight_bytes(self) -> int:
@@ -109,6 +122,10 @@ class DecodeEngine:
         names = tuple(n for n in dict.fromkeys(self.rows) if n is not None)
         loras = {(b.path, k): self._lora(b, k) for b in self.blocks for k in llama.FUSED}
         key = (names, tuple(layer_version(lay) for parts in loras.values() for lay, _ in parts))
+        if key[1] != self._factors_key:  # an adapter was added, removed, trained or rescaled: its entries go
+            self._versions = adapter_versions([lay for parts in loras.values() for lay, _ in parts])
+            self.prefix.retain(self._versions)
+            self._factors_key = key[1]
         if key == self._adapter_key:
             return
         reason = llama.unsupported_reason(self.model)  # e.g. an adapter on the embedding was loaded since
@@ -187,15 +204,45 @@ class DecodeEngine:
         self.rows, self.lengths = self.rows + list(adapters), self.lengths + [len(p) for p in prompts]
         try:
             self.sync_adapters()
-            self._set_masks(adapters, repeat=width)
             self._reserve(width)
-            ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], device=self.device)  # (n, S)
-            hidden = self._prefill_hidden(ids, first)  # (n, S, hidden)
+            hidden, last = self._prefill_rows(prompts, adapters, first)  # (n, S, hidden), (n,)
         except BaseException:
             self.keep(range(first))
             raise
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        for r, (prompt, adapter) in enumerate(zip(prompts, adapters)):  # offered to the prefix cache
+            cols = slice(0, len(prompt))
+            keys, values = self.keys[:, first + r, :, cols], self.values[:, first + r, :, cols]
+            self.prefix.add(adapter, self._versions.get(adapter, ()), prompt, keys, values)
         return self._logits(hidden[torch.arange(n, device=self.device), last], adapters)  # (n, vocab)
+
+    def _prefill_rows(
+        self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None], first: int
+    ) -> tuple[Tensor, Tensor]:
+        """Fill slots ``first..`` with the prompts' keys/values; each row's hidden states and its last index.
+
+        Rows whose prompt starts like a cached one copy that start into their slot and compute only the rest.
+        """
+        hits = [self.prefix.match(a, p) for p, a in zip(prompts, adapters)]
+        starts = [m for m, _ in hits]
+        rest = max(len(p) - m for p, m in zip(prompts, starts))
+        if not any(starts) or max(starts) + rest > self.max_len:  # no reuse (or padding would pass max_len)
+            width = max(len(p) for p in prompts)
+            self._set_masks(adapters, repeat=width)
+            ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], device=self.device)  # (n, S)
+            return self._prefill_hidden(ids, first), torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        span = max(starts) + rest
+        self._reserve(span)
+        for r, (m, entry) in enumerate(hits):
+            if entry is not None:
+                self.keys[:, first + r, :, :m] = entry.keys[:, :, :m]
+                self.values[:, first + r, :, :m] = entry.values[:, :, :m]
+        self.prefix.hit_tokens += sum(starts)
+        self._set_masks(adapters, repeat=rest)
+        ids = torch.tensor([list(p[m:]) + [0] * (rest - len(p) + m) for p, m in zip(prompts, starts)],
+                           device=self.device)  # fmt: skip
+        start = torch.tensor(starts, device=self.device)
+        hidden = self._extend_hidden(ids, start, span, first, causal_only=False)
+        return hidden, torch.tensor([len(p) - m - 1 for p, m in zip(prompts, starts)], device=self.device)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
@@ -227,27 +274,39 @@ class DecodeEngine:
         return x
 
     def _decode_hidden(self, tokens: Tensor, pos: Tensor, span: int, same_length: bool) -> Tensor:
-        n = tokens.shape[0]
-        x = self.embed[tokens].float()[:, None]  # (rows, 1, hidden)
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (rows, 1, 1, D)
-        mask = None  # rows of one length see every column up to it: no mask (SDPA gives the same numbers)
-        if not same_length:
+        return self._extend_hidden(tokens[:, None], pos, span, self._first, causal_only=same_length)[:, 0]
+
+    def _extend_hidden(self, ids: Tensor, start: Tensor, span: int, first: int, causal_only: bool) -> Tensor:
+        """Hidden states of ``ids (rows, W)`` at positions ``start + 0..W-1`` over each row's cached columns.
+
+        Rows sit in slots ``first..``; ``causal_only``: every row has the same length and W is 1, so each sees
+        every column up to ``span`` and no mask is needed (SDPA gives the same numbers).
+        """
+        n, w = ids.shape
+        x = self.embed[ids].float()  # (rows, W, hidden)
+        pos = start[:, None] + torch.arange(w, device=start.device)  # (rows, W)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (rows, 1, W, D)
+        mask = None
+        if not causal_only:
             cols = torch.arange(span, device=pos.device)
-            mask = (cols[None, :] <= pos[:, None])[:, None, None]  # (rows, 1, 1, span)
-        # where each row's new key/value goes in a layer's cache viewed as (slots * Hkv * T, D)
+            mask = (cols <= pos[..., None])[:, None]  # (rows, 1, W, span)
+        # where each row's new keys/values go in a layer's cache viewed as (slots * Hkv * T, D)
         kv, size = self.dims.kv_heads, self.keys.shape[3]
-        slots = torch.arange(self._first, self._first + n, device=pos.device)
+        slots = torch.arange(first, first + n, device=pos.device)
         heads = torch.arange(kv, device=pos.device)
-        where = ((slots[:, None] * kv + heads[None, :]) * size + pos[:, None]).reshape(-1)  # (rows * Hkv,)
+        where = ((slots[:, None, None] * kv + heads[None, :, None]) * size + pos[:, None]).reshape(-1)  # rows*Hkv*W
         for i, block in enumerate(self.blocks):
-            x = self._layer(i, block, x, cos, sin, (where, span), mask)
-        return x[:, 0]  # (rows, hidden)
+            x = self._layer(i, block, x, cos, sin, (where, span, first), mask)
+        return x
 
     def _layer(
         self, i: int, block: llama.Block, x: Tensor, cos: Tensor, sin: Tensor, where: slice | tuple[Tensor, int],
         mask: Tensor | None,
     ) -> Tensor:  # fmt: skip
-        """One decoder layer; ``where`` is the prefill's slots (a slice) or the decode's flat cache index and span."""
+        """One decoder layer.
+
+        ``where`` is the prefill's slots (a slice), or a decode / extension's flat cache index, span and first slot.
+        """
         n, s, hidden = x.shape
         q, k, v = llama.attention_inputs(block, self.dims, llama.rms_norm(x, block.ln1, self.dims.eps), cos, sin)
         keys, values = self.keys[i], self.values[i]  # (slots, Hkv, T, D)
@@ -255,11 +314,10 @@ class DecodeEngine:
             keys[where, :, :s], values[where, :, :s] = k, v
             attn = llama.attend(q, k, v, None, causal=True)
         else:  # decode: one new column per row, at its own position
-            index, span = where
+            index, span, lo = where
             d = self.dims.head_dim
             keys.view(-1, d).index_copy_(0, index, k.reshape(-1, d))
             values.view(-1, d).index_copy_(0, index, v.reshape(-1, d))
-            lo = self._first
             attn = llama.attend(q, keys[lo : lo + n, :, :span], values[lo : lo + n, :, :span], mask, causal=False)
         x = x + block.linear("o", attn.reshape(n * s, -1)).reshape(n, s, hidden)
         h = llama.rms_norm(x, block.ln2, self.dims.eps).reshape(n * s, hidden)
