@@ -192,3 +192,22 @@ def test_bad_input_gets_openai_style_errors(server):
     assert "temperature" in _error(
         _post(url, "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 3}), 400
     )
+
+
+def test_ignore_eos_goes_on_to_max_tokens_where_eos_would_stop(tiny_serve_dir):
+    import torch
+
+    import lorakit
+    from lorakit.serve.server import build_state, serve_in_thread
+
+    model, tokenizer = lorakit.load_model(tiny_serve_dir)
+    with torch.no_grad():  # make the prompt's greedy next token an end-of-sequence token of this model
+        first = model(torch.tensor([encode_prompt(tokenizer, PROMPT)])).logits[0, -1].argmax().item()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
+    with serve_in_thread(build_state(model, tokenizer, base_name="tiny")) as url:
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 7, "temperature": 0}
+        plain = _post(url, "/v1/completions", body).json()
+        assert plain["choices"][0]["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] == 1
+        longer = _post(url, "/v1/completions", {**body, "ignore_eos": True}).json()
+        assert longer["choices"][0]["finish_reason"] == "length" and longer["usage"]["completion_tokens"] == 7
+        assert "true or false" in _error(_post(url, "/v1/completions", {**body, "ignore_eos": "yes"}), 400)

@@ -13,6 +13,7 @@ import psutil
 import pytest
 from serve_helpers import running_server, slow_down, solo_greedy
 
+from lorakit.inference.prefix import common_start
 from lorakit.serve.protocol import encode_prompt
 
 ADAPTERS = [f"a{i}" for i in range(8)]
@@ -147,3 +148,25 @@ def test_requests_queued_beyond_the_batch_size_are_all_answered(tiny_serve_dir, 
         assert all(json.loads(o.split("data: ")[-2])["choices"][0]["finish_reason"] == "length" for o in out)
     else:
         assert out == ["length"] * 8
+
+
+def test_requests_that_start_alike_reuse_the_cached_start_and_answer_as_alone(tiny_serve_dir, adapters_dir):
+    system = "You are a terse assistant. Answer in one line, no preamble, and never apologise.\n"
+    first = [("a1", system + "Q: the capital of France?\nA:", 6), ("a2", system + "Q: two plus two?\nA:", 6)]
+    later = [
+        ("a1", system + "Q: a colour of the sky?\nA:", 6),
+        ("a2", system + "Q: three plus four?\nA:", 6),
+        ("a3", system + "Q: the capital of Spain?\nA:", 6),
+        ("a1", system + "Q: the capital of France?\nA:", 6),
+    ]
+    for budget in (256.0, 0.0):
+        with running_server(tiny_serve_dir, adapters_dir, max_batch_size=4, prefix_cache_mb=budget) as (url, state):
+            answers = asyncio.run(_complete_all(url, first, clients=2))
+            answers += asyncio.run(_complete_all(url, later, clients=4))
+            cached = _metric(httpx.get(url + "/metrics").text, "lorakit_prompt_tokens_cached_total")
+            requests = [(a, encode_prompt(state.tokenizer, p), n) for a, p, n in first + later]
+        assert [a["choices"][0]["text"] for a in answers] == solo_greedy(tiny_serve_dir, adapters_dir, requests)
+        ids = [r[1] for r in requests]  # a1 and a2 reuse their first prompt's start, a3 has none cached, and the
+        reused = common_start(ids[0], ids[2]) + common_start(ids[1], ids[3]) + len(ids[0]) - 1  # repeat: all but 1
+        assert common_start(ids[0], ids[2]) > len(encode_prompt(state.tokenizer, system))
+        assert cached == (reused if budget else 0)

@@ -39,6 +39,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "adapters stay fp32; agreement of the others in the README)",
     )
     parser.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256.0,
+        help="memory for the keys/values of earlier prompts, reused by requests that start the same way (the chat "
+        "template, a system prompt) under the same adapter (default 256; 0: off)",
+    )
+    parser.add_argument(
         "--reference",
         action="store_true",
         help="decode with transformers' forward instead of the fast engine (the reference path)",
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, base_name=base_name, adapters_dir=args.adapters, max_adapters=args.max_adapters,
         max_batch_size=args.max_batch_size, merge=args.merge, limits=limits, keys=keys,
         allow_adapter_paths=args.allow_adapter_paths, allow_hub_adapters=args.allow_hub_adapters,
-        weights=None if args.reference else args.weights,
+        weights=None if args.reference else args.weights, prefix_cache_mb=args.prefix_cache_mb,
     )  # fmt: skip
     state.runs_dir = Path(args.runs) if args.runs is not None else None
     served = state.model_names()

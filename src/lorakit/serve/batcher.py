@@ -45,19 +45,22 @@ class Batcher:
         metrics: Optional `lorakit.serve.metrics.Metrics` to update.
         weights: Run the fast decode engine with base weights in this format (`lorakit.inference.WEIGHT_FORMATS`);
             None: transformers' forward only (the reference path).
+        prefix_cache_mb: The engine's memory for reusable prompt starts (`lorakit.inference.prefix`); 0: off.
     """
 
     def __init__(
         self, model, tokenizer, *, max_batch_size: int = 8, routed: bool = True, metrics=None,
-        weights: str | None = None,
+        weights: str | None = None, prefix_cache_mb: float = 256.0,
     ) -> None:  # fmt: skip
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.routed, self.metrics = routed, metrics
         context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         eos = [tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
         self.reference = ReferenceStep(model, routed)
-        self.engine = None if weights is None else EngineStep(model, weights=weights, max_batch=max_batch_size,
-                                                              routed=routed)  # fmt: skip
+        self.engine = None
+        if weights is not None:
+            self.engine = EngineStep(model, weights=weights, max_batch=max_batch_size, routed=routed,
+                                     prefix_cache_mb=prefix_cache_mb)  # fmt: skip
         self.step: ModelStep = self.reference if self.engine is None else self.engine
         self._wanted = self.step
         self.context = context if self.engine is None else min(context, self.engine.max_len)
@@ -230,8 +233,10 @@ class Batcher:
 
     def _prefill(self, group: list[GenRequest]) -> None:
         """One forward pass over the prompts of ``group``; the rows join the running batch, finished ones leave."""
-        first = len(self._running)
+        first, cached = len(self._running), self.step.cached_tokens
         logits = self.step.prefill([r.prompt_ids for r in group], tuple(r.adapter for r in group))
+        if self.metrics:
+            self.metrics.cached_prompt_tokens(self.step.cached_tokens - cached)
         rows = []
         for req in group:
             if self.metrics:

@@ -61,7 +61,7 @@ class Emitter:
         row.last, row.generated = token, row.generated + 1
         if self.metrics:
             self.metrics.tokens(1)
-        if token in self.eos:
+        if token in self.eos and not params.ignore_eos:
             text, reason = row.stream.flush(), "stop"
         else:
             text, hit = row.stream.push(token)

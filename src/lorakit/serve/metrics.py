@@ -18,7 +18,7 @@ class Metrics:
         self.window_s = window_s
         self.requests: Counter[str] = Counter()  # finish reason -> count
         self.http_errors: Counter[int] = Counter()
-        self.prompt_total = self.generated_total = 0
+        self.prompt_total = self.generated_total = self.cached_total = 0
         self.batch_count = self.batch_sum = 0
         self.batch_buckets = Counter()
         self._recent: deque[list] = deque()  # [slot start time, tokens] for tokens/s, at most _SLOTS + 1
@@ -28,6 +28,10 @@ class Metrics:
     def prompt_tokens(self, n: int) -> None:
         with self._lock:
             self.prompt_total += n
+
+    def cached_prompt_tokens(self, n: int) -> None:
+        with self._lock:
+            self.cached_total += n
 
     def tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -80,6 +84,9 @@ class Metrics:
             lines += [
                 "# TYPE lorakit_prompt_tokens_total counter",
                 f"lorakit_prompt_tokens_total {self.prompt_total}",
+                "# HELP lorakit_prompt_tokens_cached_total Prompt tokens whose keys/values came from the prefix cache.",
+                "# TYPE lorakit_prompt_tokens_cached_total counter",
+                f"lorakit_prompt_tokens_cached_total {self.cached_total}",
                 "# TYPE lorakit_generated_tokens_total counter",
                 f"lorakit_generated_tokens_total {self.generated_total}",
                 f"# HELP lorakit_tokens_per_second Generated tokens per second, last {self.window_s:g} s.",

@@ -80,12 +80,11 @@ def parse(body: Any, tokenizer, limits: Limits, *, chat: bool) -> Job:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
         stop=_stop(body.get("stop"), limits),
         seed=_seed(body.get("seed")),
+        ignore_eos=_flag(body, "ignore_eos"),
     )
     n = _n(body.get("n"), limits.max_n)
     choices = [(ids, _nth(params, j)) for ids in prompts for j in range(n)]
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
+    stream = _flag(body, "stream")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return Job(model, [ids for ids, _ in choices], [p for _, p in choices], stream, include_usage, chat)
@@ -247,6 +246,13 @@ def _integral(value: Any) -> Any:
     """``3.0`` as ``3`` (JSON has one number type; JSON Schema counts 3.0 as an integer); anything else as is."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
+    return value
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{key} must be true or false, got {value!r}", param=key)
     return value
 
 

@@ -21,6 +21,8 @@ class SamplingParams:
         top_p: Nucleus sampling: keep the smallest set of tokens whose probability mass reaches ``top_p``.
         stop: Strings that end the output (not included in it).
         seed: Seed of this request's own ``torch.Generator`` (None: a random seed).
+        ignore_eos: Go on past end-of-sequence tokens until ``max_tokens`` or a stop string (vLLM's
+            ``ignore_eos``: a fixed output length, for benchmarks).
     """
 
     max_tokens: int = 16
@@ -28,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 def make_generator(seed: int | None) -> torch.Generator:

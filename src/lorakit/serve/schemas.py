@@ -16,6 +16,7 @@ _COMMON = {
     "n": {"type": "integer", "minimum": 1},
     "stop": _STOP,
     "seed": {"type": ["integer", "null"]},
+    "ignore_eos": {"type": "boolean"},
     "stream": {"type": "boolean"},
     "stream_options": {
         "type": "object",

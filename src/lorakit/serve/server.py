@@ -41,6 +41,7 @@ def build_state(
     max_queue: int | None = None,
     allow_hub_adapters: bool = False,
     weights: str | None = "fp32",
+    prefix_cache_mb: float = 256.0,
 ) -> ServeState:
     """Everything a server needs around a loaded ``(model, tokenizer)``.
 
@@ -61,6 +62,8 @@ def build_state(
         weights: Decode with the fast engine (`lorakit.inference.DecodeEngine`) over base weights in this format
             (fp32: greedy outputs equal the reference path); None: transformers' forward (the reference path).
             fp32 falls back to the reference path on models the engine cannot run; other formats raise there.
+        prefix_cache_mb: The engine's memory for the keys/values of earlier prompts, reused by requests whose
+            prompt starts the same way under the same adapter (`lorakit.inference.prefix`); 0: off.
 
     Raises:
         ConfigError: bad sizes or weight format; AdapterNotFoundError / FormatError / IncompatibleAdapterError
@@ -71,7 +74,9 @@ def build_state(
         raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
     model.eval()
     metrics, keys = Metrics(), keys or Keys()
-    options = {"max_batch_size": max_batch_size, "metrics": metrics}
+    if not prefix_cache_mb >= 0:
+        raise ConfigError(f"prefix_cache_mb must be >= 0 (0: off), got {prefix_cache_mb}")
+    options = {"max_batch_size": max_batch_size, "metrics": metrics, "prefix_cache_mb": prefix_cache_mb}
     if merge is not None:
         path = Path(merge) if Path(merge).is_dir() else AdapterRegistry(model, adapters_dir).path(merge)
         name = path.name if Path(merge).is_dir() else merge

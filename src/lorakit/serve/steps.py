@@ -31,6 +31,8 @@ from lorakit.serve.kvcache import BatchCache
 class ModelStep(Protocol):
     """What the scheduler needs from a model runner (see the module docstring for the contract)."""
 
+    cached_tokens: int  # prompt tokens so far whose keys/values were reused, not computed
+
     def prefill(self, prompts: list[list[int]], adapters: tuple) -> Tensor: ...
 
     def decode(self, last: list[int], pos: list[int], adapters: tuple) -> Tensor: ...
@@ -53,6 +55,7 @@ class ReferenceStep:
     """
 
     name = "reference"
+    cached_tokens = 0
 
     def __init__(self, model, routed: bool) -> None:
         self.forward = Forward(model, routed)
@@ -106,16 +109,22 @@ class EngineStep:
         weights: Base weight format (`lorakit.inference.WEIGHT_FORMATS`).
         max_batch: Most rows decoding together.
         routed: Apply each row's adapter (False in merged mode: every row runs the bare, merged model).
+        prefix_cache_mb: Memory for reusable prompt starts (`lorakit.inference.prefix`); 0: off.
     """
 
     name = "engine"
 
-    def __init__(self, model, *, weights: str, max_batch: int, routed: bool) -> None:
+    def __init__(self, model, *, weights: str, max_batch: int, routed: bool, prefix_cache_mb: float = 256.0) -> None:
         from lorakit.inference import DecodeEngine
 
         self.model, self.routed = model, routed
         context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)  # the cache grows on demand
-        self.engine = DecodeEngine(model, weights=weights, max_batch=max_batch, max_len=context)
+        self.engine = DecodeEngine(model, weights=weights, max_batch=max_batch, max_len=context,
+                                   prefix_cache_mb=prefix_cache_mb)  # fmt: skip
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.engine.prefix.hit_tokens
 
     @property
     def max_len(self) -> int:
