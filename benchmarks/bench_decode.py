@@ -19,18 +19,15 @@ import argparse
 import asyncio
 import copy
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import torch
-from provenance import provenance  # benchmarks/provenance.py (this script's folder is on sys.path)
+from provenance import finish, provenance, spread, write_results  # benchmarks/provenance.py (its folder is on sys.path)
 
 import lorakit
 from lorakit.inference import DecodeEngine
@@ -82,7 +79,7 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def single_stream(model, engines: dict, prompt: list[int], tokens: int, stops: set[int]) -> dict:
+def single_stream(model, engines: dict, prompt: list[int], tokens: int) -> dict:
     """One round: tokens/s of each in-process variant, one prompt, ``tokens`` new tokens (no early stop)."""
     out = {}
     x = torch.tensor([prompt])
@@ -93,8 +90,6 @@ def single_stream(model, engines: dict, prompt: list[int], tokens: int, stops: s
     for name, engine in engines.items():
         s, _ = timed(lambda e=engine: run_engine(e, [prompt], ["a0"], tokens, set()))
         out[f"lorakit engine {name}"] = tokens / s
-    s, got = timed(lambda: run_engine(engines["fp32"], [prompt], ["a0"], tokens, stops))
-    out["lorakit engine fp32, in process, stops at EOS (as served)"] = (len(got[0]) + 1) / s
     return out
 
 
@@ -103,7 +98,7 @@ async def _http(url: str, jobs: list[tuple[str, list[int]]], tokens: int) -> int
 
         async def one(adapter: str, prompt: list[int]) -> int:
             body = {"model": adapter, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}  # fmt: skip
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
             n = 0
             async with client.stream("POST", url + "/v1/completions", json=body) as r:
                 r.raise_for_status()
@@ -115,14 +110,15 @@ async def _http(url: str, jobs: list[tuple[str, list[int]]], tokens: int) -> int
         return sum(await asyncio.gather(*(one(a, p) for a, p in jobs)))
 
 
-def http_rounds(urls: dict[str, str], prompts: list[list[int]], tokens: int) -> dict:
-    """tokens/s of one streamed request (fp32) and of 16 concurrent requests over 4 adapters, through HTTP."""
-    one = [("a0", prompts[0])]
-    many = [(ADAPTERS[i % 4], prompts[i % len(prompts)]) for i in range(16)]
-    s1, n1 = timed(lambda: asyncio.run(_http(urls["fp32"], one, tokens)))
+def http_rounds(urls: dict[str, str], prompt: list[int], many: list[list[int]], tokens: int) -> dict:
+    """tokens/s of one streamed request (fp32) and of 16 concurrent requests (``many``) over 4 adapters, through
+    HTTP; every request makes exactly ``tokens`` tokens (``ignore_eos``), as llama.cpp does here."""
+    s1, n1 = timed(lambda: asyncio.run(_http(urls["fp32"], [("a0", prompt)], tokens)))
     out = {"lorakit serve, 1 request (HTTP, SSE)": n1 / s1}
+    jobs = [(ADAPTERS[i % 4], p) for i, p in enumerate(many)]
     for fmt, url in urls.items():
-        s16, n16 = timed(lambda u=url: asyncio.run(_http(u, many, tokens)))
+        s16, n16 = timed(lambda u=url: asyncio.run(_http(u, jobs, tokens)))
+        assert n16 == len(jobs) * tokens, f"{n16} tokens came back, not {len(jobs)} x {tokens}"
         out[f"lorakit serve, 16 requests / 4 adapters{_served(fmt)}"] = n16 / s16
     return out
 
@@ -131,12 +127,12 @@ def _served(fmt: str) -> str:
     return "" if fmt == "fp32" else f" ({fmt} base)"
 
 
-def llamacpp_rounds(llm, prompts: list[list[int]], tokens: int) -> dict:
-    rate, _ = llm.tokens_per_s(prompts[0], tokens)
+def llamacpp_rounds(llm, prompt: list[int], many: list[list[int]], tokens: int) -> dict:
+    rate, _ = llm.tokens_per_s(prompt, tokens)
     start = time.perf_counter()
-    for i in range(16):
-        llm.tokens_per_s(prompts[i % len(prompts)], tokens)
-    seq = 16 * tokens / (time.perf_counter() - start)
+    for p in many:
+        llm.tokens_per_s(p, tokens)
+    seq = len(many) * tokens / (time.perf_counter() - start)
     return {"llama.cpp Q4_1 + LoRA": rate, "llama.cpp, 16 requests one after another": seq}
 
 
@@ -197,22 +193,25 @@ def quality(model, tokenizer, rows: int, open_prompts: list[list[int]], formats:
 
 
 def summarize(samples: list[dict]) -> dict:
-    keys = samples[0].keys()
-    return {k: {"median": statistics.median(s[k] for s in samples), "min": min(s[k] for s in samples),
-                "max": max(s[k] for s in samples)} for k in keys}  # fmt: skip
+    return {k: spread([s[k] for s in samples]) for k in samples[0]}
 
 
-def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: list[list[int]]) -> dict:
+def run_threads(threads: int, args, model, tokenizer, folder: Path, prompt: list[int], served: list[list[int]]):
+    """Every variant at ``threads`` threads, ``args.rounds`` rounds, alternating within each round.
+
+    ``prompt`` is the single-stream prompt; round ``r`` serves ``served[16 r : 16 r + 16]`` (distinct requests
+    in every round: what a server can reuse is their common start, not a repeated prompt).
+    """
+    prov = provenance()
     torch.set_num_threads(threads)
-    load_start = os.getloadavg()
     lorakit.load_adapter(model, folder / "a0", name="a0")
-    longest = max(map(len, prompts)) + args.tokens + 1
+    longest = max(map(len, [prompt, *served])) + args.tokens + 1
     engines = {fmt: DecodeEngine(model, weights=fmt, max_batch=1, max_len=longest) for fmt in FORMATS}
     if args.compile:
         engines["fp32, torch.compile"] = DecodeEngine(model, max_batch=1, max_len=longest, compile=True)
-    compile_s = {}
+    warm_up_s = {}
     for name, engine in engines.items():  # warm-up: one-time costs (compilation, first-touch) stay out of the rounds
-        compile_s[name], _ = timed(lambda e=engine: run_engine(e, [prompts[0]], ["a0"], 4, set()))
+        warm_up_s[name], _ = timed(lambda e=engine: run_engine(e, [prompt], ["a0"], 4, set()))
     llm = None
     try:
         from decode_llamacpp import LlamaCpp
@@ -226,36 +225,33 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompts: lis
     except ImportError as exc:
         print(f"llama.cpp skipped: {exc}")
     lorakit.delete_adapter(model, "a0")
-    from lorakit.training.evaluate import stop_token_ids
-
-    stops, rounds = set(stop_token_ids(tokenizer)), []
+    rounds = []
     with ExitStack() as stack:
         urls = {}
         # one server per base format, each on its own copy of the model (copied before any server loads adapters)
         models = {fmt: model if fmt == "fp32" else copy.deepcopy(model) for fmt in SERVED}
-        for fmt, served in models.items():
-            state = build_state(served, tokenizer, base_name="base", adapters_dir=folder, max_batch_size=16,
+        for fmt, served_model in models.items():
+            state = build_state(served_model, tokenizer, base_name="base", adapters_dir=folder, max_batch_size=16,
                                 weights=fmt)  # fmt: skip
             urls[fmt] = stack.enter_context(serve_in_thread(state))
-            asyncio.run(_http(urls[fmt], [(a, prompts[0]) for a in ADAPTERS], 2))  # warm-up: loads the adapters
+            asyncio.run(_http(urls[fmt], [(a, prompt) for a in ADAPTERS], 2))  # warm-up: loads the adapters
         for r in range(args.rounds):
-            sample = single_stream(model, engines, prompts[0], args.tokens, stops)
-            sample.update(http_rounds(urls, prompts, args.tokens))
+            many = served[16 * r : 16 * r + 16]
+            sample = single_stream(model, engines, prompt, args.tokens)
+            sample.update(http_rounds(urls, prompt, many, args.tokens))
             if llm is not None:
-                sample.update(llamacpp_rounds(llm, prompts, args.tokens))
+                sample.update(llamacpp_rounds(llm, prompt, many, args.tokens))
             print(f"threads={threads} round {r}: " + ", ".join(f"{k}: {v:.1f}" for k, v in sample.items()), flush=True)
             rounds.append(sample)
     for name in list(lorakit.list_adapters(model)):
         lorakit.delete_adapter(model, name)
     return {"rounds": rounds, "tokens_per_s": summarize(rounds), "ratios": summarize([ratios(r) for r in rounds]),
-            "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(),
-            "weight_mb": {f: e.weight_bytes / 2**20 for f, e in engines.items()},
-            "warm_up_seconds": compile_s}  # fmt: skip
+            "new_tokens": args.tokens, "weight_mb": {f: e.weight_bytes / 2**20 for f, e in engines.items()},
+            "warm_up_seconds": warm_up_s, "provenance": finish(prov)}  # fmt: skip
 
 
 RATIOS = {  # name: (numerator, denominator), each taken within one round (side by side)
-    "HTTP 1 request / in-process (as served)": ("lorakit serve, 1 request (HTTP, SSE)",
-                                                "lorakit engine fp32, in process, stops at EOS (as served)"),
+    "HTTP 1 request / in-process": ("lorakit serve, 1 request (HTTP, SSE)", "lorakit engine fp32"),
     "engine fp32 / transformers generate": ("lorakit engine fp32", "transformers generate (unmerged)"),
     "engine fp32 / llama.cpp (single stream)": ("lorakit engine fp32", "llama.cpp Q4_1 + LoRA"),
     "engine fp16 / llama.cpp (single stream)": ("lorakit engine fp16", "llama.cpp Q4_1 + LoRA"),
@@ -287,21 +283,25 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode.json"))
     args = parser.parse_args()
+    if 16 * args.rounds > 100:
+        parser.error(f"--rounds {args.rounds}: each round serves 16 distinct held-out prompts, 100 in all (at most 6)")
+    from lorakit.training.jsonl import read_jsonl
+
     model, tokenizer = load_model(default_model_name())
-    texts = ["Two lattes and a bagel to 5 Main St, pay by card.", "Order 3 red shirts size M for Ana, ship fast",
-             "I need 12 pencils and a notebook delivered to Berlin", "add 2 pizzas to table 4"]  # fmt: skip
-    prompts = [chat_ids(tokenizer, t) for t in texts]
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                 "load_avg_at_start": os.getloadavg(), "torch": torch.__version__},
-                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": default_model_name(),
-                     "new_tokens": args.tokens, "rounds": args.rounds, "greedy": True,
-                     "provenance": provenance()}  # fmt: skip
+    prompt = chat_ids(tokenizer, "Two lattes and a bagel to 5 Main St, pay by card.")
+    served = [chat_ids(tokenizer, r.data["prompt"]) for r in read_jsonl(ROOT / "examples/data/orders_eval.jsonl")]
+    out = Path(args.out)
+    # parts not run this time (a thread count, the quality part) keep their earlier figures and provenance
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    results = {k: v for k, v in earlier.items() if k.startswith("threads_") or k == "greedy_agreement_with_fp32"}
+    results.update(model=default_model_name(), greedy=True, provenance=provenance())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         results["adapter_trained"] = prepare_adapters(model, Path(args.adapter), folder)
         for threads in args.threads:
-            results[f"threads_{threads}"] = run_threads(threads, args, model, tokenizer, folder, prompts)
+            results[f"threads_{threads}"] = run_threads(threads, args, model, tokenizer, folder, prompt, served)
         if args.quality_rows:
+            prov = provenance()
             torch.set_num_threads(max(args.threads, default=1))
             lorakit.load_adapter(model, folder / "a0", name="a0")
             open_prompts = [chat_ids(tokenizer, t) for t in OPEN_TEXTS]
@@ -309,16 +309,10 @@ def main() -> None:
                 model, tokenizer, args.quality_rows, open_prompts, args.quality_formats
             )
             results["greedy_agreement_with_fp32"]["measured"] = {
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_avg_at_end": os.getloadavg(),
-                "threads": torch.get_num_threads(), "adapter_trained": results["adapter_trained"]}  # fmt: skip
-    results["machine"]["load_avg_at_end"] = os.getloadavg()
-    out = Path(args.out)
-    if out.is_file():  # parts not run this time (e.g. --threads with no value) keep their earlier figures
-        results = {**json.loads(out.read_text()), **results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(args.out).with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    tmp_out.replace(args.out)
+                "threads": torch.get_num_threads(), "adapter_trained": results["adapter_trained"],
+                "provenance": finish(prov)}  # fmt: skip
+    finish(results["provenance"])
+    write_results(out, results)
     print(table(results))
 
 

@@ -18,8 +18,11 @@ class LlamaCpp:
         self.eos = self.llm.token_eos()
 
     def tokens_per_s(self, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
-        """Greedy ``new_tokens`` (EOS suppressed, so every run makes the same count) after ``prompt_ids``."""
-        self.llm.reset()
+        """Greedy ``new_tokens`` (EOS suppressed, so every run makes the same count) after ``prompt_ids``.
+
+        llama-cpp-python keeps the previous call's keys/values and reuses their longest common start with
+        ``prompt_ids`` (as llama.cpp's server does with its prompt cache): the counterpart of lorakit's prefix cache.
+        """
         out: list[int] = []
         start = time.perf_counter()
         for tok in self.llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True,
