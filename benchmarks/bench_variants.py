@@ -154,11 +154,7 @@ def record(header: dict, prov: dict, row: dict | None) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         report = json.loads(OUT.read_text(encoding="utf-8")) if OUT.is_file() else {}
         passes = report.setdefault("passes", [])
-        if "command" in report:  # the first pass's fields, from before passes were listed
-            passes.append({k: report.pop(k) for k in ("command", "date", "machine") if k in report})
-        for run in report.setdefault("runs", []):  # steps are per run now
-            run.setdefault("steps", report.get("steps"))
-        report.pop("steps", None), report.pop("seeds", None)
+        report.setdefault("runs", [])
         report.update({k: v for k, v in header.items() if k != "variants"})
         report["variants"] = {**report.get("variants", {}), **header["variants"]}
         report["passes"] = [p for p in passes if p.get("date_utc") != prov["date_utc"] or

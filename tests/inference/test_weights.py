@@ -52,12 +52,20 @@ def test_fp32_shares_the_model_weight_and_bad_inputs_raise():
         pack_int4(torch.randn(8, 48))
 
 
-def test_fp16_rounds_only_the_weights_and_each_row_is_its_own():
-    """fp16 = fp32 math on the fp16-rounded weight (activations untouched), whatever the batch-mates."""
+@pytest.mark.parametrize("fbgemm", [True, False], ids=["fbgemm", "no-fbgemm"])
+def test_fp16_rounds_only_the_weights_and_each_row_is_its_own(fbgemm, monkeypatch):
+    """fp16 = fp32 math on the fp16-rounded weight (activations untouched), whatever the batch-mates; a CPU
+    without FBGEMM gets the same numbers from a once-widened copy (and is told it holds fp32's bytes)."""
+    from lorakit.inference import weights
+
+    if not fbgemm:
+        monkeypatch.setattr(weights, "_fbgemm_fp16", lambda w16, bias: None)
     gen = torch.Generator().manual_seed(1)
     w, b = torch.randn(80, 64, generator=gen) * 0.05, torch.randn(80, generator=gen)
     x = torch.randn(6, 64, generator=gen)
     packed = PackedWeight(w, b, "fp16")
+    assert (packed.packed is not None) == fbgemm and packed.nbytes == 80 * 64 * (2 if fbgemm else 4)
+    assert fbgemm or packed.w.dtype == torch.float32  # widened once, not per call
     want = F.linear(x, w.half().float(), b)
     torch.testing.assert_close(packed(x), want, atol=1e-5, rtol=1e-5)
     x[1:] *= 1000.0  # huge batch-mates: a per-batch activation scale would change row 0

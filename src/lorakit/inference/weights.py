@@ -6,8 +6,9 @@ Decode at batch 1 reads every weight once per token, so its speed follows the by
 - ``fp16``: an fp16 copy with fp32 activations and fp32 accumulation: only the weights are rounded (10-bit mantissa,
   8x finer than bf16's). On x86 CPUs it runs FBGEMM's fp16-weight GEMM (``quantized.linear_dynamic_fp16``: the
   activations are NOT quantized, each row is computed on its own), which converts weights on the fly: half the
-  bytes of fp32 and no bf16 casts (speed: the README's decode table). On CUDA it is a plain fp16 matmul;
-  elsewhere the weight is widened per call. Weights beyond fp16's range (65504) are refused.
+  bytes of fp32 and no bf16 casts (speed: the README's decode table). On CUDA it is a plain fp16 matmul.
+  Elsewhere (a CPU without FBGEMM) the fp16-rounded weight is kept widened to fp32, once: the same numbers, with
+  fp32's bytes and speed (``nbytes`` says so). Weights beyond fp16's range (65504) are refused.
 - ``bf16``: a bf16 copy; activations are cast to bf16 for the matmul and the result back to fp32.
 - ``int8``: symmetric per-output-channel int8 (``w ~ q * scale``), PyTorch's weight-only kernel
   (``torch._weight_int8pack_mm``) with bf16 activations (its fp32 path is ~5x slower on AVX2): a quarter of
@@ -57,6 +58,8 @@ class PackedWeight:
             self.packed = _fbgemm_fp16(self.w, self.bias) if w.device.type == "cpu" else None
             if self.packed is not None:
                 self.w = torch.empty(0, dtype=torch.float16)  # FBGEMM holds the only copy
+            elif w.device.type == "cpu":
+                self.w = self.w.float()  # no fp16 GEMM here: widen once, not on every call
         elif fmt == "bf16":
             self.w = w.to(torch.bfloat16)
         elif fmt == "int8":
@@ -75,7 +78,7 @@ class PackedWeight:
         if self.fmt == "nf4":
             return self.w.nbytes()
         if self.fmt == "fp16":
-            return self.out_features * self.in_features * 2
+            return self.out_features * self.in_features * (2 if self.packed is not None or self.w.is_cuda else 4)
         tensors = [self.w, getattr(self, "scale", None)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -86,7 +89,7 @@ class PackedWeight:
         elif self.fmt == "fp16":
             if self.packed is not None:  # bias applied inside
                 return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-            y = F.linear(x.half(), self.w).float() if x.is_cuda else F.linear(x, self.w.float())
+            y = F.linear(x.half(), self.w).float() if x.is_cuda else F.linear(x, self.w)
         elif self.fmt == "bf16":
             y = F.linear(x.to(torch.bfloat16), self.w).float()
         elif self.fmt == "int8":
