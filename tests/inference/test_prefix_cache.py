@@ -140,3 +140,24 @@ def test_cache_keeps_the_longest_entries_within_its_budget_least_recently_used_o
 def test_a_negative_prefix_cache_size_is_refused(lora_llama):
     with pytest.raises(ConfigError, match="prefix_cache_mb must be >= 0"):
         DecodeEngine(lora_llama, max_batch=1, max_len=16, prefix_cache_mb=-1)
+
+
+def test_a_remembered_row_serves_its_next_turn_unless_an_adapter_changed_meanwhile(lora_llama):
+    engine = DecodeEngine(lora_llama, max_batch=2, max_len=48)
+    tokens = engine.prefill([START, START[:3]], ["all", "qv"]).argmax(-1)
+    answers = [[int(t)] for t in tokens]
+    for _ in range(3):
+        tokens = engine.decode(tokens).argmax(-1)
+        for a, t in zip(answers, tokens.tolist()):
+            a.append(t)
+    with pytest.raises(ValueError, match="holds 13 tokens, 12 given"):
+        engine.remember(0, START + answers[0][:2])
+    engine.remember(0, START + answers[0])  # the cache holds START and the first 3 answer tokens
+    lorakit.add_adapter(lora_llama, lorakit.LoraConfig(r=2, target_modules=["k_proj"]), name="other")
+    engine.sync_adapters()  # a model change between steps (the server does this after loading an adapter)
+    engine.remember(1, START[:3] + answers[1])  # born before the change: its keys/values are not offered
+    engine.reset()
+    turn = START + answers[0] + [11, 12]
+    logits = engine.prefill([turn, START[:3] + answers[1] + [13]], ["all", "qv"])
+    assert engine.prefix.hit_tokens == len(START) + 3 + 3  # row 2 reuses only its 3 prompt tokens
+    _check_rows(lora_llama, engine, logits, [turn, START[:3] + answers[1] + [13]], ["all", "qv"], steps=1)

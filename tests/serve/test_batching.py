@@ -170,3 +170,26 @@ def test_requests_that_start_alike_reuse_the_cached_start_and_answer_as_alone(ti
         reused = common_start(ids[0], ids[2]) + common_start(ids[1], ids[3]) + len(ids[0]) - 1  # repeat: all but 1
         assert common_start(ids[0], ids[2]) > len(encode_prompt(state.tokenizer, system))
         assert cached == (reused if budget else 0)
+
+
+def test_a_next_turn_reuses_the_finished_answer_from_the_cache(tiny_serve_dir, adapters_dir):
+    import torch
+
+    import lorakit
+
+    model, tokenizer = lorakit.load_model(tiny_serve_dir)
+    lorakit.load_adapter(model, adapters_dir / "a1", name="a1")
+    first = encode_prompt(tokenizer, "Q: the capital of France?\nA:")
+    x = torch.tensor([first])
+    with torch.no_grad(), lorakit.route(model, ["a1"]):
+        answer = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False)[
+            0, len(first) :
+        ]
+    following = first + answer.tolist() + encode_prompt(tokenizer, "\nQ: and of Spain?\nA:")
+    with running_server(tiny_serve_dir, adapters_dir, max_batch_size=2) as (url, state):
+        asyncio.run(_complete_all(url, [("a1", first, 6)], clients=1))
+        before = _metric(httpx.get(url + "/metrics").text, "lorakit_prompt_tokens_cached_total")
+        [reply] = asyncio.run(_complete_all(url, [("a1", following, 5)], clients=1))
+        cached = _metric(httpx.get(url + "/metrics").text, "lorakit_prompt_tokens_cached_total") - before
+    assert cached == len(first) + 5  # the prompt and the answer but its last token (never fed back)
+    assert reply["choices"][0]["text"] == solo_greedy(tiny_serve_dir, adapters_dir, [("a1", following, 5)])[0]

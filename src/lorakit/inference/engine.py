@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from lorakit.errors import ConfigError
 from lorakit.inference import llama
-from lorakit.inference.adapters import ProjectionAdapters, adapter_versions, layer_version
+from lorakit.inference.adapters import ProjectionAdapters
+from lorakit.inference.batch_adapters import BatchAdapters
 from lorakit.inference.prefix import PrefixCache
 from lorakit.inference.weights import PackedWeight
-from lorakit.layers.base import LoraLayer
 
 
 class DecodeEngine:
@@ -57,8 +57,6 @@ class DecodeEngine:
         if not prefix_cache_mb >= 0:
             raise ConfigError(f"prefix_cache_mb must be >= 0 (0: off), got {prefix_cache_mb}")
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20))
-        self._factors_key: tuple | None = None  # every adapter's factor versions at the last prefill
-        self._versions: dict[str, tuple] = {}  # the same, per adapter name
         self.model, self.fmt, self.max_batch, self.max_len = model, weights, max_batch, max_len
         self.dims = llama.Dims.of(model)
         param = next(model.parameters())
@@ -74,10 +72,9 @@ class DecodeEngine:
         self.keys = self.values = torch.zeros(len(self.blocks), max_batch, self.dims.kv_heads, 0, self.dims.head_dim)
         self.rows: list[str | None] = []  # each running row's adapter (None: the base model)
         self.lengths: list[int] = []  # tokens in the cache per row
+        self._born: list[int] = []  # per row, the adapters' epoch at its prefill (see `remember`)
         self._first = 0  # slot of row 0 (only `only_row` moves it)
-        self._adapter_key: tuple | None = None
-        self.broken: set[str] = set()  # adapters with non-finite factors: their rows get NaN logits
-        self._mask_key: tuple | None = None
+        self.adapters = BatchAdapters(model, self.blocks, weights, self.prefix)
         self._step: Callable = torch.compile(self._decode_hidden, dynamic=True) if compile else self._decode_hidden
 
     def _block(self, index: int, layer: nn.Module) -> llama.Block:
@@ -90,68 +87,17 @@ class DecodeEngine:
         none = ProjectionAdapters([], [])
         return llama.Block(path, ln1, ln2, proj, versions, dict.fromkeys(proj, none), dict.fromkeys(proj))
 
-    def _repack_stale(self) -> None:
-        """Re-pack projections whose base weights changed in place since packing (a merge, say)."""
-        for block in self.blocks:
-            layer = self.model.get_submodule(block.path)
-            for key, parts in llama.FUSED.items():
-                mods = [layer.get_submodule(p) for p in parts]
-                versions = llama.weight_versions(mods)
-                if versions != block.versions[key]:
-                    block.proj[key], block.versions[key] = llama.fuse(mods, self.fmt), versions
-                    self.prefix.clear()  # its keys and values came from the old weights
-
     @property
     def weight_bytes(self) -> int:
         """Bytes of packed weights one decode step reads (every projection and the LM head)."""
         return self.lm_head.nbytes + sum(p.nbytes for b in self.blocks for p in b.proj.values())
 
-    # ---- adapters -----------------------------------------------------------------------------------------
-    def _lora(self, block: llama.Block, key: str) -> list[tuple[LoraLayer | None, int]]:
-        layer = self.model.get_submodule(block.path)
-        mods = [layer.get_submodule(p) for p in llama.FUSED[key]]
-        return [(m if isinstance(m, LoraLayer) else None, llama.base_weight(m)[0].shape[0]) for m in mods]
-
     def sync_adapters(self) -> None:
-        """Rebuild the per-projection adapter factors if the rows' adapters or any factor changed.
+        """Bring the batch's adapter factors and the packed base weights up to date with the model.
 
-        Cheap when nothing changed (a key of tensor versions); runs before every prefill. Base weights changed in
-        place (merged into) are re-packed too.
+        Cheap when nothing changed; runs before every prefill (`lorakit.inference.batch_adapters`).
         """
-        self._repack_stale()
-        names = tuple(n for n in dict.fromkeys(self.rows) if n is not None)
-        loras = {(b.path, k): self._lora(b, k) for b in self.blocks for k in llama.FUSED}
-        key = (names, tuple(layer_version(lay) for parts in loras.values() for lay, _ in parts))
-        if key[1] != self._factors_key:  # an adapter was added, removed, trained or rescaled: its entries go
-            self._versions = adapter_versions([lay for parts in loras.values() for lay, _ in parts])
-            self.prefix.retain(self._versions)
-            self._factors_key = key[1]
-        if key == self._adapter_key:
-            return
-        reason = llama.unsupported_reason(self.model)  # e.g. an adapter on the embedding was loaded since
-        if reason is not None:
-            raise ConfigError(f"the fast decode path cannot apply this model's adapters: {reason}")
-        self.broken = set()
-        for block in self.blocks:
-            for k in llama.FUSED:
-                block.adapters[k] = ProjectionAdapters(loras[(block.path, k)], names)
-                self.broken |= block.adapters[k].broken
-        self._adapter_key, self._mask_key = key, None
-
-    def _set_masks(self, rows: Sequence[str | None], repeat: int = 1) -> None:
-        """Point every projection at the rank-column masks of ``rows`` (each repeated for ``repeat`` tokens)."""
-        key = (self._adapter_key, tuple(rows), repeat)
-        if key == self._mask_key:
-            return
-        shared: dict = {}  # projections with the same column layout share one mask
-        for block in self.blocks:
-            for k, adapters in block.adapters.items():
-                layout = tuple(sorted((n, tuple(s)) for n, s in adapters.spans.items()))
-                if layout not in shared:
-                    mask = adapters.column_mask(rows, self.device)
-                    shared[layout] = None if mask is None else mask.repeat_interleave(repeat, 0)
-                block.masks[k] = shared[layout]
-        self._mask_key = key
+        self.adapters.sync(self.rows)
 
     def _reserve(self, length: int) -> None:
         """Grow the cache (doubling, up to max_len) to hold ``length`` columns; existing rows are kept."""
@@ -167,7 +113,7 @@ class DecodeEngine:
     # ---- rows ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every row (the cache memory stays allocated)."""
-        self.rows, self.lengths = [], []
+        self.rows, self.lengths, self._born = [], [], []
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keep only rows ``indices`` (in that order), moved to slots ``0..len-1``."""
@@ -178,6 +124,7 @@ class DecodeEngine:
             self.values[:, : len(indices)] = self.values[:, idx]
         self.rows = [self.rows[i] for i in indices]
         self.lengths = [self.lengths[i] for i in indices]
+        self._born = [self._born[i] for i in indices]
 
     @contextmanager
     def only_row(self, index: int) -> Iterator[None]:
@@ -186,12 +133,13 @@ class DecodeEngine:
         Nothing a decode step does inside is kept: the row's length is restored, and the key/value column a step
         wrote sits past that length, where the next real step overwrites it.
         """
-        saved = self.rows, self.lengths, self._first
-        self.rows, self.lengths, self._first = [self.rows[index]], [self.lengths[index]], self._first + index
+        saved = self.rows, self.lengths, self._born, self._first
+        self.rows, self.lengths, self._born = [self.rows[index]], [self.lengths[index]], [self._born[index]]
+        self._first += index
         try:
             yield
         finally:
-            self.rows, self.lengths, self._first = saved
+            self.rows, self.lengths, self._born, self._first = saved
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> Tensor:
@@ -202,8 +150,10 @@ class DecodeEngine:
         if min(len(p) for p in prompts) < 1 or width >= self.max_len:
             raise ConfigError(f"prompts need 1..{self.max_len - 1} tokens (max_len), got up to {width}")
         self.rows, self.lengths = self.rows + list(adapters), self.lengths + [len(p) for p in prompts]
+        self._born = self._born + [-1] * n
         try:
             self.sync_adapters()
+            self._born[first:] = [self.adapters.epoch] * n
             self._reserve(width)
             hidden, last = self._prefill_rows(prompts, adapters, first)  # (n, S, hidden), (n,)
         except BaseException:
@@ -212,7 +162,7 @@ class DecodeEngine:
         for r, (prompt, adapter) in enumerate(zip(prompts, adapters)):  # offered to the prefix cache
             cols = slice(0, len(prompt))
             keys, values = self.keys[:, first + r, :, cols], self.values[:, first + r, :, cols]
-            self.prefix.add(adapter, self._versions.get(adapter, ()), prompt, keys, values)
+            self.prefix.add(adapter, self.adapters.versions.get(adapter, ()), prompt, keys, values)
         return self._logits(hidden[torch.arange(n, device=self.device), last], adapters)  # (n, vocab)
 
     def _prefill_rows(
@@ -227,7 +177,7 @@ class DecodeEngine:
         rest = max(len(p) - m for p, m in zip(prompts, starts))
         if not any(starts) or max(starts) + rest > self.max_len:  # no reuse (or padding would pass max_len)
             width = max(len(p) for p in prompts)
-            self._set_masks(adapters, repeat=width)
+            self.adapters.set_masks(adapters, repeat=width)
             ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], device=self.device)  # (n, S)
             return self._prefill_hidden(ids, first), torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         span = max(starts) + rest
@@ -237,19 +187,35 @@ class DecodeEngine:
                 self.keys[:, first + r, :, :m] = entry.keys[:, :, :m]
                 self.values[:, first + r, :, :m] = entry.values[:, :, :m]
         self.prefix.hit_tokens += sum(starts)
-        self._set_masks(adapters, repeat=rest)
+        self.adapters.set_masks(adapters, repeat=rest)
         ids = torch.tensor([list(p[m:]) + [0] * (rest - len(p) + m) for p, m in zip(prompts, starts)],
                            device=self.device)  # fmt: skip
         start = torch.tensor(starts, device=self.device)
         hidden = self._extend_hidden(ids, start, span, first, causal_only=False)
         return hidden, torch.tensor([len(p) - m - 1 for p, m in zip(prompts, starts)], device=self.device)
 
+    def remember(self, index: int, tokens: Sequence[int]) -> None:
+        """Offer row ``index``'s keys/values to the prefix cache: a finished chat answer, reused by the next turn.
+
+        ``tokens`` are the row's prompt and generated tokens; its cache holds the first ``lengths[index]`` of them
+        (the last generated token was never fed back). Skipped when an adapter changed since the row's prefill
+        (its keys/values would mix two versions) or its adapter is broken.
+        """
+        n, adapter = self.lengths[index], self.rows[index]
+        if len(tokens) < n:
+            raise ValueError(f"row {index} holds {n} tokens, {len(tokens)} given")
+        if self._born[index] != self.adapters.epoch or adapter in self.adapters.broken:
+            return
+        cols, slot = slice(0, n), self._first + index
+        keys, values = self.keys[:, slot, :, cols], self.values[:, slot, :, cols]
+        self.prefix.add(adapter, self.adapters.versions.get(adapter, ()), list(tokens[:n]), keys, values)
+
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
         """Feed one token per running row (``(rows,)``); return the next-token logits ``(rows, vocab)``."""
         if any(length >= self.max_len for length in self.lengths):
             raise ConfigError(f"a row reached max_len={self.max_len}; stop it before the next decode step")
-        self._set_masks(self.rows)
+        self.adapters.set_masks(self.rows)
         pos = torch.tensor(self.lengths, device=self.device)  # (rows,)
         span = max(self.lengths) + 1
         self._reserve(span)
@@ -259,8 +225,8 @@ class DecodeEngine:
 
     def _logits(self, hidden: Tensor, rows: Sequence[str | None]) -> Tensor:
         logits = self.lm_head(llama.rms_norm(hidden, self.final_norm, self.dims.eps))  # (n, vocab)
-        if self.broken:
-            bad = [i for i, name in enumerate(rows) if name in self.broken]
+        if self.adapters.broken:
+            bad = [i for i, name in enumerate(rows) if name in self.adapters.broken]
             logits[bad] = float("nan")  # what these rows compute alone (see lorakit.inference.adapters)
         return logits
 

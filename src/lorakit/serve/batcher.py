@@ -262,6 +262,9 @@ class Batcher:
             r.pos += 1
         alive = self._emitter.emit_all(rows, logits)
         if len(alive) < len(rows):
+            for i in sorted(set(range(len(rows))) - set(alive)):
+                if rows[i].req.finish_reason in ("stop", "length"):  # answered: a next turn may start with it all
+                    self.step.remember(i, rows[i].req.prompt_ids + rows[i].stream.ids)
             self._keep(alive)
 
     def _step(self, rows: list[RowState]) -> torch.Tensor:

@@ -83,7 +83,7 @@ class Emitter:
         """End ``req`` with ``event``; its callbacks may raise, and `on_done` (the pin release) always runs."""
         if req.finished:
             return
-        req.finished = True
+        req.finished, req.finish_reason = True, event.finish_reason
         if self.metrics:
             self.metrics.finished(event.finish_reason or "error")
         for callback in (lambda: req.on_event(event), req.on_done):

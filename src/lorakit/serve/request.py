@@ -37,6 +37,7 @@ class GenRequest:
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False
     finished: bool = False
+    finish_reason: str | None = None  # set with ``finished``
 
 
 @dataclass(eq=False)

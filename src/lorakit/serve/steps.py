@@ -41,6 +41,8 @@ class ModelStep(Protocol):
 
     def keep(self, indices: list[int]) -> None: ...
 
+    def remember(self, index: int, tokens: list[int]) -> None: ...
+
     def model_changed(self) -> None: ...
 
     def reset(self) -> None: ...
@@ -92,6 +94,9 @@ class ReferenceStep:
 
     def keep(self, indices: list[int]) -> None:
         self.cache.keep(indices)
+
+    def remember(self, index: int, tokens: list[int]) -> None:
+        """The reference path keeps no prefix cache."""
 
     def model_changed(self) -> None:
         self.forward.close_route()  # a route's cache is keyed by layer identity: never keep one across changes
@@ -153,6 +158,10 @@ class EngineStep:
 
     def keep(self, indices: list[int]) -> None:
         self.engine.keep(indices)
+
+    def remember(self, index: int, tokens: list[int]) -> None:
+        """Offer a finished row's prompt and answer to the engine's prefix cache (a next chat turn starts so)."""
+        self.engine.remember(index, tokens)
 
     def model_changed(self) -> None:
         """Re-read adapter factors (and re-pack changed base weights) after a model change between steps."""
