@@ -11,6 +11,9 @@ variant, seed and steps is replaced), and each pass's provenance (commit, comman
 ``passes``.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/bench_variants.py --seeds 42 43 --eval-rows 40
+
+The README's tables come from the file: ``python benchmarks/bench_variants.py --table --tasks T --steps N --marks
+...`` prints one row per variant, each cell one value per seed.
 """
 
 from __future__ import annotations
@@ -115,7 +118,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step (the main job uses 8)")
     parser.add_argument("--tasks", nargs="+", default=["json_extraction", "dates_iso"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument(
+        "--table", action="store_true", help="print the README's tables from the results file, run nothing"
+    )
     args = parser.parse_args()
+    if args.table:
+        report = json.loads(OUT.read_text(encoding="utf-8"))
+        for task in args.tasks:
+            print(table(report["runs"], task, args.steps, args.marks, args.variants))
+        return
     from lorakit.models import load_model
 
     base, tokenizer = load_model("smollm2-135m-instruct")
@@ -163,6 +174,30 @@ def record(header: dict, prov: dict, row: dict | None) -> None:
             same = _key(row)
             report["runs"] = [r for r in report["runs"] if _key(r) != same] + [row]
         write_results(OUT, report)
+
+
+def table(runs: list[dict], task: str, steps: int, marks: list[int], variants: list[str]) -> str:
+    """Markdown: per variant, exact match at each mark per seed (seeds in the header), s/step and eval loss."""
+    runs = [r for r in runs if r["task"] == task and r["steps"] == steps and "error" not in r]
+    seeds = sorted({r["seed"] for r in runs})
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    per_seed = " / ".join(str(s) for s in seeds)
+    head = [f"| variant ({task}, {steps} steps; seeds {per_seed}) |", *(f" exact match @{m} |" for m in marks),
+            " s/step |", " eval loss after |"]  # fmt: skip
+    lines = ["".join(head), "|---" * (len(marks) + 3) + "|"]
+    for v in variants:
+        got = [by.get((v, s)) for s in seeds]
+        if not any(got):
+            continue
+
+        def cell(fn, got=got) -> str:
+            return " / ".join("-" if r is None else fn(r) for r in got)
+
+        ems = [cell(lambda r, m=m: f"{r['exact_match'][str(m)]:.3f}") for m in marks]
+        step = cell(lambda r: f"{r['step_seconds']:.1f}")
+        loss = cell(lambda r: f"{r['eval_loss_after']:.4f}")
+        lines.append(f"| {v} | " + " | ".join(ems) + f" | {step} | {loss} |")
+    return "\n".join(lines)
 
 
 def _key(run: dict) -> tuple:
