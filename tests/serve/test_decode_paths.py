@@ -36,3 +36,16 @@ def test_reference_with_a_packed_format_is_one_error_line(capsys):
     assert main(["serve", "--reference", "--weights", "int8"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("lorakit: error: --weights int8") and err.count("\n") == 1
+
+
+def test_a_negative_prefix_cache_size_is_one_error_line(capsys):
+    assert main(["serve", "--prefix-cache-mb", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit: error: --prefix-cache-mb must be >= 0") and err.count("\n") == 1
+
+
+def test_the_prefix_cache_size_reaches_the_engine(tiny_serve_dir):
+    model, tokenizer = lorakit.load_model(tiny_serve_dir)
+    assert build_state(model, tokenizer, base_name="tiny").batcher.engine.engine.prefix.budget == 256 * 2**20
+    off = build_state(model, tokenizer, base_name="tiny", prefix_cache_mb=0).batcher.engine.engine.prefix
+    assert off.budget == 0

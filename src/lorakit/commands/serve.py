@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if args.reference and args.weights != "fp32":
         raise ConfigError(f"--weights {args.weights} is a format of the fast engine; --reference runs the model as "
                           "loaded (see --dtype): give one of the two")  # fmt: skip
+    if not args.prefix_cache_mb >= 0:
+        raise ConfigError(f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), got {args.prefix_cache_mb}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}; leave it out for torch's choice")
     env_key = os.environ.get("LORAKIT_API_KEY")
