@@ -9,6 +9,11 @@ perturbed copies for the mixed-adapter run. Every variant runs in each round, in
 the adapter exported as a GGUF LoRA by `lorakit.export` (what ``lorakit export --to gguf`` writes;
 benchmarks/decode_llamacpp.py). The machine is shared: load averages are recorded, the numbers are noisy.
 
+The 16 concurrent requests of round ``r`` are the main job's held-out prompts ``16 r .. 16 r + 15`` in the chat
+template (distinct in every round; they share the template and the instruction), over adapters a0..a3; every
+request makes exactly ``--tokens`` tokens (``ignore_eos``), as llama.cpp does (EOS suppressed). Servers: fp32,
+fp16, and fp16 with the prefix cache off (what the cache buys); llama.cpp keeps its own prompt cache.
+
 Run: python benchmarks/bench_decode.py [--threads 1 2] [--tokens 64] [--rounds 3] [--quality-rows 100]
 Writes benchmarks/results/decode.json (machine, date, every sample) and prints a Markdown table.
 """
@@ -39,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 FORMATS = ["fp32", "fp16", "bf16", "int8", "int4"]
 QUALITY_FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "nf4"]
-SERVED = ["fp32", "fp16"]  # base formats the 16-request HTTP run is measured with
+SERVED = {"": ("fp32", 256.0), " (fp16 base)": ("fp16", 256.0),  # the 16-request HTTP runs: name suffix ->
+          " (fp16 base, prefix cache off)": ("fp16", 0.0)}  # (base weight format, --prefix-cache-mb)  # fmt: skip
 OPEN_TEXTS = ["Write a short poem about the sea.", "Explain photosynthesis to a child.", "Why is the sky blue?",
               "Give me three tips for studying.", "Tell me a story about a robot.", "How do I boil an egg?",
               "Describe a sunset in Paris.", "How do airplanes fly?"]  # fmt: skip
@@ -113,18 +119,14 @@ async def _http(url: str, jobs: list[tuple[str, list[int]]], tokens: int) -> int
 def http_rounds(urls: dict[str, str], prompt: list[int], many: list[list[int]], tokens: int) -> dict:
     """tokens/s of one streamed request (fp32) and of 16 concurrent requests (``many``) over 4 adapters, through
     HTTP; every request makes exactly ``tokens`` tokens (``ignore_eos``), as llama.cpp does here."""
-    s1, n1 = timed(lambda: asyncio.run(_http(urls["fp32"], [("a0", prompt)], tokens)))
+    s1, n1 = timed(lambda: asyncio.run(_http(urls[""], [("a0", prompt)], tokens)))
     out = {"lorakit serve, 1 request (HTTP, SSE)": n1 / s1}
     jobs = [(ADAPTERS[i % 4], p) for i, p in enumerate(many)]
-    for fmt, url in urls.items():
+    for suffix, url in urls.items():
         s16, n16 = timed(lambda u=url: asyncio.run(_http(u, jobs, tokens)))
         assert n16 == len(jobs) * tokens, f"{n16} tokens came back, not {len(jobs)} x {tokens}"
-        out[f"lorakit serve, 16 requests / 4 adapters{_served(fmt)}"] = n16 / s16
+        out[f"lorakit serve, 16 requests / 4 adapters{suffix}"] = n16 / s16
     return out
-
-
-def _served(fmt: str) -> str:
-    return "" if fmt == "fp32" else f" ({fmt} base)"
 
 
 def llamacpp_rounds(llm, prompt: list[int], many: list[list[int]], tokens: int) -> dict:
@@ -228,13 +230,14 @@ def run_threads(threads: int, args, model, tokenizer, folder: Path, prompt: list
     rounds = []
     with ExitStack() as stack:
         urls = {}
-        # one server per base format, each on its own copy of the model (copied before any server loads adapters)
-        models = {fmt: model if fmt == "fp32" else copy.deepcopy(model) for fmt in SERVED}
-        for fmt, served_model in models.items():
+        # one server per SERVED entry, each on its own copy of the model (copied before any server loads adapters)
+        models = {suffix: model if not suffix else copy.deepcopy(model) for suffix in SERVED}
+        for suffix, served_model in models.items():
+            fmt, cache_mb = SERVED[suffix]
             state = build_state(served_model, tokenizer, base_name="base", adapters_dir=folder, max_batch_size=16,
-                                weights=fmt)  # fmt: skip
-            urls[fmt] = stack.enter_context(serve_in_thread(state))
-            asyncio.run(_http(urls[fmt], [(a, prompt) for a in ADAPTERS], 2))  # warm-up: loads the adapters
+                                weights=fmt, prefix_cache_mb=cache_mb)  # fmt: skip
+            urls[suffix] = stack.enter_context(serve_in_thread(state))
+            asyncio.run(_http(urls[suffix], [(a, prompt) for a in ADAPTERS], 2))  # warm-up: loads the adapters
         for r in range(args.rounds):
             many = served[16 * r : 16 * r + 16]
             sample = single_stream(model, engines, prompt, args.tokens)
@@ -261,6 +264,9 @@ RATIOS = {  # name: (numerator, denominator), each taken within one round (side 
     "engine int4 / llama.cpp (single stream)": ("lorakit engine int4", "llama.cpp Q4_1 + LoRA"),
     "serve 16 requests / llama.cpp one after another": ("lorakit serve, 16 requests / 4 adapters",
                                                         "llama.cpp, 16 requests one after another"),
+    "serve 16 requests (fp16 base), prefix cache on / off": (
+        "lorakit serve, 16 requests / 4 adapters (fp16 base)",
+        "lorakit serve, 16 requests / 4 adapters (fp16 base, prefix cache off)"),
     "serve 16 requests (fp16 base) / llama.cpp one after another": (
         "lorakit serve, 16 requests / 4 adapters (fp16 base)", "llama.cpp, 16 requests one after another"),
 }  # fmt: skip
