@@ -80,7 +80,9 @@ def provenance(command: list[str] | str | None = None) -> dict[str, Any]:
         "command": command,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": _git("rev-parse", "--short=12", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # code, not results: other benchmarks running beside this one rewrite files in benchmarks/results/
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                         ":(exclude)benchmarks/results")),  # fmt: skip
         "machine": machine(),
     }
 
