@@ -106,6 +106,7 @@ def test_a_non_finite_adapter_does_not_spill_into_batch_mates(lora_llama):
     assert torch.isnan(logits[3]).all()
     step = engine.decode(logits.nan_to_num().argmax(-1))
     assert torch.isfinite(step[:3]).all() and torch.isnan(step[3]).all()
+    assert "all" not in {e.adapter for e in engine.prefix._entries.values()}  # its rows ran without it: not cached
 
 
 def test_only_row_runs_one_row_alone_and_keeps_nothing(lora_llama):

@@ -160,6 +160,8 @@ class DecodeEngine:
             self.keep(range(first))
             raise
         for r, (prompt, adapter) in enumerate(zip(prompts, adapters)):  # offered to the prefix cache
+            if adapter in self.adapters.broken:  # its rows ran without it (NaN logits): not its keys/values
+                continue
             cols = slice(0, len(prompt))
             keys, values = self.keys[:, first + r, :, cols], self.values[:, first + r, :, cols]
             self.prefix.add(adapter, self.adapters.versions.get(adapter, ()), prompt, keys, values)
