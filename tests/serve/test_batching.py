@@ -193,3 +193,18 @@ def test_a_next_turn_reuses_the_finished_answer_from_the_cache(tiny_serve_dir, a
         cached = _metric(httpx.get(url + "/metrics").text, "lorakit_prompt_tokens_cached_total") - before
     assert cached == len(first) + 5  # the prompt and the answer but its last token (never fed back)
     assert reply["choices"][0]["text"] == solo_greedy(tiny_serve_dir, adapters_dir, [("a1", following, 5)])[0]
+
+
+def test_a_failing_cache_offer_is_logged_and_serving_goes_on(tiny_serve_dir, adapters_dir, caplog):
+    with running_server(tiny_serve_dir, adapters_dir, max_batch_size=2) as (url, state):
+
+        def broken(index, tokens):
+            raise RuntimeError("cache offer failed")
+
+        state.batcher.engine.engine.remember = broken
+        jobs = [("a1", "Once upon a time", 4), ("a2", "In 1492", 3)]
+        answers = asyncio.run(_complete_all(url, jobs * 2, clients=2))
+        assert state.batcher.alive
+    assert [a["status"] for a in answers] == [200] * 4
+    assert [a["choices"][0]["finish_reason"] for a in answers] == ["length"] * 4
+    assert "offering a finished row to the prefix cache failed" in caplog.text

@@ -17,6 +17,7 @@ inside ``only_row(i)`` the same calls touch row ``i`` alone and nothing they do 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
@@ -26,6 +27,8 @@ from torch import Tensor
 
 from lorakit.serve.forward import Forward
 from lorakit.serve.kvcache import BatchCache
+
+_log = logging.getLogger("lorakit.serve")
 
 
 class ModelStep(Protocol):
@@ -160,8 +163,14 @@ class EngineStep:
         self.engine.keep(indices)
 
     def remember(self, index: int, tokens: list[int]) -> None:
-        """Offer a finished row's prompt and answer to the engine's prefix cache (a next chat turn starts so)."""
-        self.engine.remember(index, tokens)
+        """Offer a finished row's prompt and answer to the engine's prefix cache (a next chat turn starts so).
+
+        The cache only saves work: a failure here is logged, never raised into the scheduler.
+        """
+        try:
+            self.engine.remember(index, tokens)
+        except Exception:  # noqa: BLE001 - an optimization must not stop the server
+            _log.exception("lorakit serve: offering a finished row to the prefix cache failed")
 
     def model_changed(self) -> None:
         """Re-read adapter factors (and re-pack changed base weights) after a model change between steps."""
