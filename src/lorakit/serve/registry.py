@@ -253,8 +253,10 @@ class AdapterRegistry:
                 if not self._pins.get(name):
                     del self._lru[name]
                     victims.append(name)
-        for name in victims:  # queued, not awaited: `release` runs on the scheduler thread, which must not wait
-            self.run_on_model(lambda n=name: lorakit.delete_adapter(self.model, n))
+            # queued under the lock, so a reload of the name queues after the unload; not awaited (`release` runs
+            # on the scheduler thread, which must not wait)
+            for name in victims:
+                self.run_on_model(lambda n=name: lorakit.delete_adapter(self.model, n))
 
     # ---- runtime management -------------------------------------------------------------------------------
     def add(self, name: str, path: str | os.PathLike | None = None) -> None:
@@ -336,8 +338,11 @@ class AdapterRegistry:
             self._failed.pop(name, None)
             if self.directory is not None and (self.directory / name).is_dir():
                 self._removed.add(name)  # only folder names: bounded by the directory
-        if resident:
-            self.run_on_model(lambda: lorakit.delete_adapter(self.model, name)).result()
+            # queued under the lock: a load of the same name that starts now is queued after it, so it never
+            # finds the old copy still in the model ("already loaded")
+            unload = self.run_on_model(lambda: lorakit.delete_adapter(self.model, name)) if resident else None
+        if unload is not None:
+            unload.result()
 
 
 def _is_hub_id(text: str) -> bool:
