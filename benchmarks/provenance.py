@@ -81,8 +81,9 @@ def provenance(command: list[str] | str | None = None) -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": _git("rev-parse", "--short=12", "HEAD"),
         # code, not results: other benchmarks running beside this one rewrite files in benchmarks/results/
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                         ":(exclude)benchmarks/results")),  # fmt: skip
+        "uncommitted_changes": bool(
+            _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+        ),  # fmt: skip
         "machine": machine(),
     }
 
