@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import copy
 import json
-import statistics
 import tempfile
 import time
 from contextlib import ExitStack
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import httpx
 import torch
-from provenance import finish, provenance, spread, write_results  # benchmarks/provenance.py (its folder is on sys.path)
+from decode_common import ADAPTERS, agreement, chat_ids, prepare_adapters, timed  # benchmarks/ is on sys.path
+from provenance import finish, provenance, spread, write_results
 
 import lorakit
 from lorakit.inference import DecodeEngine
@@ -41,7 +41,6 @@ from lorakit.models import default_model_name, load_model
 from lorakit.serve.server import build_state, serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
-ADAPTERS = ["a0", "a1", "a2", "a3"]
 FORMATS = ["fp32", "fp16", "bf16", "int8", "int4"]
 QUALITY_FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "nf4"]
 SERVED = {"": ("fp32", 256.0), " (fp16 base)": ("fp16", 256.0),  # the 16-request HTTP runs: name suffix ->
@@ -49,40 +48,6 @@ SERVED = {"": ("fp32", 256.0), " (fp16 base)": ("fp16", 256.0),  # the 16-reques
 OPEN_TEXTS = ["Write a short poem about the sea.", "Explain photosynthesis to a child.", "Why is the sky blue?",
               "Give me three tips for studying.", "Tell me a story about a robot.", "How do I boil an egg?",
               "Describe a sunset in Paris.", "How do airplanes fly?"]  # fmt: skip
-
-
-def prepare_adapters(model, adapter: Path, folder: Path) -> bool:
-    """Save a0 (the main job's adapter, or a random one) and three perturbed copies a1..a3; True if trained."""
-    trained = (adapter / "adapter_config.json").is_file()
-    if trained:
-        lorakit.load_adapter(model, adapter, name="a0")
-    else:
-        lorakit.add_adapter(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj",
-                            "v_proj", "o_proj"]), name="a0")  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    for i, name in enumerate(ADAPTERS):
-        if name != "a0":
-            lorakit.add_adapter(model, lorakit.get_config(model, "a0"), name=name)
-        with torch.no_grad():
-            src = lorakit.adapter_state_dict(model, "a0")
-            for key, t in lorakit.adapter_state_dict(model, name).items():
-                noise = torch.randn(t.shape, generator=gen) * 0.02 * (i > 0 or not trained)
-                t.copy_(src[key.replace(f".{name}.", ".a0.")] + noise)
-        lorakit.save_adapter(model, folder / name, name=name)
-    for name in ADAPTERS:
-        lorakit.delete_adapter(model, name)
-    return trained
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    msgs = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-
-
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def single_stream(model, engines: dict, prompt: list[int], tokens: int) -> dict:
@@ -138,17 +103,6 @@ def llamacpp_rounds(llm, prompt: list[int], many: list[list[int]], tokens: int) 
     return {"llama.cpp Q4_1 + LoRA": rate, "llama.cpp, 16 requests one after another": seq}
 
 
-def _agreement(outs: dict, ref: list[list[int]]) -> dict:
-    """Per variant: share of rows identical to ``ref`` and the mean position of the first differing token."""
-    out = {}
-    for name, got in outs.items():
-        first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                 for a, b in zip(got, ref) if a != b]  # fmt: skip
-        out[name] = {"identical": sum(a == b for a, b in zip(got, ref)) / len(ref),
-                     "mean_first_difference": statistics.mean(first) if first else None}  # fmt: skip
-    return out
-
-
 def _fp32_with_int8_weights(model):
     """A copy of ``model`` whose base projections hold their int8 round trip (``q * scale``) in fp32."""
     import copy
@@ -183,7 +137,7 @@ def quality(model, tokenizer, rows: int, open_prompts: list[list[int]], formats:
         engine = DecodeEngine(model, weights=fmt, max_batch=25, max_len=max(map(len, ids)) + 66)
         outs[fmt] = run_engine(engine, ids, ["a0"] * len(ids), 64, stops)
         print(f"quality: held-out {fmt} done", flush=True)
-    held_out = _agreement(outs, outs["fp32"])
+    held_out = agreement(outs, outs["fp32"])
     rows_open = [None, "a0"] * (len(open_prompts) // 2)
     width = max(map(len, open_prompts)) + 34
     variants = {"fp32": (model, "fp32"), "int8": (model, "int8"),
@@ -191,7 +145,7 @@ def quality(model, tokenizer, rows: int, open_prompts: list[list[int]], formats:
     outs = {name: run_engine(DecodeEngine(m, weights=f, max_batch=len(open_prompts), max_len=width), open_prompts,
                              rows_open, 32, set()) for name, (m, f) in variants.items()}  # fmt: skip
     return {"held_out": {"rows": len(ids), "max_new_tokens": 64, **held_out},
-            "open_ended": {"rows": len(open_prompts), "new_tokens": 32, **_agreement(outs, outs["fp32"])}}  # fmt: skip
+            "open_ended": {"rows": len(open_prompts), "new_tokens": 32, **agreement(outs, outs["fp32"])}}  # fmt: skip
 
 
 def summarize(samples: list[dict]) -> dict:

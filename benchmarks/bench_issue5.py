@@ -181,10 +181,14 @@ def main() -> None:
         a.update(reps=1, batch=1, seq=32, ce_batch=2, ce_steps=1, new_tokens=4)
     out = Path(args.out or (Path(tempfile.gettempdir()) / "issue5_quick.json" if args.quick else HERE / "results" /
                             "issue5.json"))  # fmt: skip
+    from provenance import finish, provenance
+
+    prov = provenance()
     start = time.perf_counter()
     results = run(a)
     results["wall_s"] = time.perf_counter() - start
     results["torch_threads"] = args.threads
+    results["provenance"] = finish(prov)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(tables(results))

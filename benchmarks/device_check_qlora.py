@@ -8,12 +8,13 @@
 
 Every check records ``ok`` and can fail; the script exits non-zero when one did.
 
-Run: python benchmarks/device_check_qlora.py   (writes benchmarks/results/device_check_qlora.json)
+Run: python benchmarks/device_check_qlora.py [OUT]   (default OUT: benchmarks/results/device_check_qlora.json)
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -104,13 +105,18 @@ def lora_on_bnb_cuda() -> dict:
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: nothing to check")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from provenance import finish, provenance
+
+    prov = provenance()
     report = {"device": torch.cuda.get_device_name(), "nf4linear": nf4linear_cuda()}
     try:
         report["codes_vs_bnb_cuda"] = codes_vs_bnb_cuda()
         report["lora_on_bnb"] = lora_on_bnb_cuda()
     except ImportError as exc:
-        report["bnb"] = f"not installed: {exc}"
-    out = Path(__file__).parent / "results" / "device_check_qlora.json"
+        report["bnb"] = {"ok": False, "error": f"bitsandbytes is not installed: {exc}"}  # a check not run fails
+    report["provenance"] = finish(prov)
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "device_check_qlora.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     failed = _failed(report)

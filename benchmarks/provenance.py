@@ -79,7 +79,8 @@ def provenance(command: list[str] | str | None = None) -> dict[str, Any]:
     return {
         "command": command,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        # a copy without git (a device machine) is told its commit through LORAKIT_COMMIT
+        "commit": _git("rev-parse", "--short=12", "HEAD") or os.environ.get("LORAKIT_COMMIT", ""),
         # code, not results: other benchmarks running beside this one rewrite files in benchmarks/results/
         "uncommitted_changes": bool(
             _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")

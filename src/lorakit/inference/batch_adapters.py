@@ -10,9 +10,10 @@ prefilled before a change are never offered to the cache.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 
 from lorakit.errors import ConfigError
 from lorakit.inference import llama
@@ -34,6 +35,10 @@ class BatchAdapters:
         broken: Adapters with non-finite factors: their rows get NaN logits (`lorakit.inference.adapters`).
         versions: Per adapter name, its factors' identities and version counters (what cache entries carry).
         epoch: Bumped whenever any adapter's factors or any base weight changed.
+        generation: Bumped whenever the blocks' packed weights or stacked factors are replaced (a captured decode
+            step holds their addresses: `lorakit.inference.graphs`).
+        mask_tensors: The current rows' distinct rank-column masks (projections with one column layout share one).
+        mask_slots: Per block and projection, the index of its mask in ``mask_tensors`` (None: no mask).
     """
 
     def __init__(self, model: nn.Module, blocks: list[llama.Block], fmt: str, prefix: PrefixCache) -> None:
@@ -41,7 +46,9 @@ class BatchAdapters:
         self.device = next(model.parameters()).device
         self.broken: set[str] = set()
         self.versions: dict[str, tuple] = {}
-        self.epoch = 0
+        self.epoch = self.generation = 0
+        self.mask_tensors: list[Tensor] = []
+        self.mask_slots: tuple[int | None, ...] = ()
         self._factors_key: tuple | None = None  # every adapter's factor versions at the last sync
         self._adapter_key: tuple | None = None  # ... and the batch's adapter names
         self._mask_key: tuple | None = None
@@ -62,6 +69,7 @@ class BatchAdapters:
                     block.proj[key], block.versions[key] = llama.fuse(mods, self.fmt), versions
                     self.prefix.clear()  # its keys and values came from the old weights
                     self.epoch += 1
+                    self.generation += 1
 
     def sync(self, rows: Sequence[str | None]) -> None:
         """Rebuild the per-projection factors if the rows' adapters or any factor changed; re-pack changed bases.
@@ -88,6 +96,7 @@ class BatchAdapters:
                 block.adapters[k] = ProjectionAdapters(loras[(block.path, k)], names)
                 self.broken |= block.adapters[k].broken
         self._adapter_key, self._mask_key = key, None
+        self.generation += 1
 
     def set_masks(self, rows: Sequence[str | None], repeat: int = 1) -> None:
         """Point every projection at the rank-column masks of ``rows`` (each repeated for ``repeat`` tokens)."""
@@ -95,11 +104,32 @@ class BatchAdapters:
         if key == self._mask_key:
             return
         shared: dict = {}  # projections with the same column layout share one mask
+        tensors: list[Tensor] = []
+        slots: list[int | None] = []
         for block in self.blocks:
             for k, adapters in block.adapters.items():
                 layout = tuple(sorted((n, tuple(s)) for n, s in adapters.spans.items()))
                 if layout not in shared:
                     mask = adapters.column_mask(rows, self.device)
-                    shared[layout] = None if mask is None else mask.repeat_interleave(repeat, 0)
-                block.masks[k] = shared[layout]
-        self._mask_key = key
+                    shared[layout] = None if mask is None else len(tensors)
+                    if mask is not None:
+                        tensors.append(mask.repeat_interleave(repeat, 0))
+                slot = shared[layout]
+                block.masks[k] = None if slot is None else tensors[slot]
+                slots.append(slot)
+        self.mask_tensors, self.mask_slots, self._mask_key = tensors, tuple(slots), key
+
+    @contextmanager
+    def masks_from(self, tensors: Sequence[Tensor]) -> Iterator[None]:
+        """Inside the block every projection reads its mask from ``tensors`` (laid out as `mask_tensors`)."""
+        saved = [dict(block.masks) for block in self.blocks]
+        slots = iter(self.mask_slots)
+        for block in self.blocks:
+            for k in block.adapters:
+                slot = next(slots)
+                block.masks[k] = None if slot is None else tensors[slot]
+        try:
+            yield
+        finally:
+            for block, masks in zip(self.blocks, saved):
+                block.masks = masks

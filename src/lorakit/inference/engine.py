@@ -9,10 +9,13 @@ prefilled right-padded into fresh slots (padding columns sit past the row's leng
 Prompts that start like an earlier prompt under the same adapter reuse that start's keys and values from a
 `lorakit.inference.prefix.PrefixCache` and compute only the rest: a decode step over several new tokens per row
 (each row's start copied into its slot, its own positions, a causal mask over the columns).
+
+On CUDA the decode step is captured as a CUDA graph per batch shape and replayed (`lorakit.inference.graphs`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -23,8 +26,11 @@ from lorakit.errors import ConfigError
 from lorakit.inference import llama
 from lorakit.inference.adapters import ProjectionAdapters
 from lorakit.inference.batch_adapters import BatchAdapters
+from lorakit.inference.graphs import GRAPH_FORMATS, DecodeGraphs
 from lorakit.inference.prefix import PrefixCache
 from lorakit.inference.weights import PackedWeight
+
+log = logging.getLogger(__name__)
 
 
 class DecodeEngine:
@@ -35,7 +41,9 @@ class DecodeEngine:
         weights: Format of the frozen base weights (`lorakit.inference.weights.WEIGHT_FORMATS`); adapters stay fp32.
         max_batch: Most rows decoding together.
         max_len: Most tokens (prompt + generated) per row; default: the model's context, at most 4096.
-        compile: ``torch.compile`` the decode step (CPU: measured, see the README; CUDA: with CUDA graphs).
+        compile: ``torch.compile`` the decode step (measured on CPU, see the README; not with ``cuda_graphs``).
+        cuda_graphs: Replay the decode step as CUDA graphs (`lorakit.inference.graphs`); default: on for a CUDA
+            model with fp32/fp16/bf16 weights. The prefix cache, adapters and rows work as without.
         prefix_cache_mb: Memory for earlier prompts' keys and values (`lorakit.inference.prefix`), reused by
             prompts that start the same way under the same adapter; 0 turns the prefix cache off.
 
@@ -45,7 +53,7 @@ class DecodeEngine:
 
     def __init__(
         self, model: nn.Module, *, weights: str = "fp32", max_batch: int = 8, max_len: int | None = None,
-        compile: bool = False, prefix_cache_mb: float = 256.0,
+        compile: bool = False, prefix_cache_mb: float = 256.0, cuda_graphs: bool | None = None,
     ) -> None:  # fmt: skip
         reason = llama.unsupported_reason(model)
         if reason is not None:
@@ -76,6 +84,12 @@ class DecodeEngine:
         self._first = 0  # slot of row 0 (only `only_row` moves it)
         self.adapters = BatchAdapters(model, self.blocks, weights, self.prefix)
         self._step: Callable = torch.compile(self._decode_hidden, dynamic=True) if compile else self._decode_hidden
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs and not (on_cuda and weights in GRAPH_FORMATS and not compile):
+            raise ConfigError(f"cuda_graphs needs a CUDA model with weights in {GRAPH_FORMATS} and compile=False; "
+                              f"got device {self.device}, weights {weights!r}, compile={compile}")  # fmt: skip
+        use = on_cuda and weights in GRAPH_FORMATS and not compile if cuda_graphs is None else cuda_graphs
+        self.graphs: DecodeGraphs | None = DecodeGraphs(self) if use else None
 
     def _block(self, index: int, layer: nn.Module) -> llama.Block:
         path = f"model.layers.{index}"
@@ -109,6 +123,8 @@ class DecodeEngine:
         keys, values = torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)
         keys[:, :, :, :have], values[:, :, :, :have] = self.keys, self.values
         self.keys, self.values = keys, values
+        if self.graphs is not None:  # they read the old cache
+            self.graphs.clear()
 
     # ---- rows ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -221,9 +237,20 @@ class DecodeEngine:
         pos = torch.tensor(self.lengths, device=self.device)  # (rows,)
         span = max(self.lengths) + 1
         self._reserve(span)
-        hidden = self._step(tokens.to(self.device), pos, span, len(set(self.lengths)) == 1)
+        hidden = self._graph_step(tokens.to(self.device), pos) if self.graphs is not None else None
+        if hidden is None:
+            hidden = self._step(tokens.to(self.device), pos, span, len(set(self.lengths)) == 1)
         self.lengths = [n + 1 for n in self.lengths]
         return self._logits(hidden, self.rows)
+
+    def _graph_step(self, tokens: Tensor, pos: Tensor) -> Tensor | None:
+        """The decode step through `graphs`; None (and graphs off from now on) if capturing fails."""
+        try:
+            return self.graphs.decode_hidden(tokens, pos)
+        except RuntimeError as exc:  # a kernel that cannot be captured: decode eagerly from now on
+            log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
+            self.graphs = None
+            return None
 
     def _logits(self, hidden: Tensor, rows: Sequence[str | None]) -> Tensor:
         logits = self.lm_head(llama.rms_norm(hidden, self.final_norm, self.dims.eps))  # (n, vocab)
