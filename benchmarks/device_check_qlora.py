@@ -76,7 +76,15 @@ def nf4linear_cuda() -> dict:
 
 
 def _peak_extra(module: nn.Module, x: torch.Tensor) -> int:
-    """Peak CUDA bytes allocated by a forward + backward of ``module`` on ``x``, above what was allocated before."""
+    """Peak CUDA bytes allocated by a forward + backward of ``module`` on ``x``, above what was allocated before.
+
+    One unmeasured pass first: the first matmul of a process allocates cuBLAS' workspace for good, which would land
+    in whichever module ran first (the likely cause of the 2026-11-30 H200 run's 76.6 MiB for NF4Linear fp32, run
+    first, vs 25.1 MiB for the dense layer).
+    """
+    module(x).float().pow(2).sum().backward()
+    x.grad = None
+    module.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()

@@ -79,8 +79,8 @@ def provenance(command: list[str] | str | None = None) -> dict[str, Any]:
     return {
         "command": command,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        # a copy without git (a device machine) is told its commit through LORAKIT_COMMIT
-        "commit": _git("rev-parse", "--short=12", "HEAD") or os.environ.get("LORAKIT_COMMIT", ""),
+        # a device machine's copy of the tree may carry a stale .git: the caller names the commit in LORAKIT_COMMIT
+        "commit": os.environ.get("LORAKIT_COMMIT") or _git("rev-parse", "--short=12", "HEAD"),
         # code, not results: other benchmarks running beside this one rewrite files in benchmarks/results/
         "uncommitted_changes": bool(
             _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
