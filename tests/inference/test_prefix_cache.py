@@ -11,7 +11,7 @@ import lorakit
 from lorakit.errors import ConfigError
 from lorakit.inference import DecodeEngine
 from lorakit.inference.generate import run_engine
-from lorakit.inference.prefix import PrefixCache
+from lorakit.inference.prefix import PrefixCache, common_start
 from lorakit.inference.reference import reference_generate
 
 START = [5, 17, 99, 3, 64, 8, 21, 30, 77, 1]  # a shared "system prompt"
@@ -161,3 +161,13 @@ def test_a_remembered_row_serves_its_next_turn_unless_an_adapter_changed_meanwhi
     logits = engine.prefill([turn, START[:3] + answers[1] + [13]], ["all", "qv"])
     assert engine.prefix.hit_tokens == len(START) + 3 + 3  # row 2 reuses only its 3 prompt tokens
     _check_rows(lora_llama, engine, logits, [turn, START[:3] + answers[1] + [13]], ["all", "qv"], steps=1)
+
+
+def test_common_start_equals_the_token_by_token_count():
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(500):
+        n, m = torch.randint(0, 40, (2,), generator=gen).tolist()
+        a = torch.randint(0, 3, (n,), generator=gen).tolist()  # 3 symbols: long shared starts are common
+        b = a[: torch.randint(0, n + 1, (1,), generator=gen).item()] + torch.randint(0, 3, (m,), generator=gen).tolist()
+        want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_start(a, b) == want == common_start(b, a)

@@ -37,12 +37,23 @@ class Entry:
 
 
 def common_start(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
+    """How many leading tokens ``a`` and ``b`` share.
+
+    Bisects on slice equality (each comparison runs in C), so a lookup over many long prompts stays cheap on
+    the prefill path: O(log n) slice comparisons instead of a Python loop over every token.
+    """
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    a, b = tuple(a[:n]), tuple(b[:n])
+    if a == b:
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class PrefixCache:
