@@ -1,5 +1,6 @@
 """Adapter management on a real server: LRU eviction, folders dropped in without a restart, runtime POST/DELETE,
-and corrupt or foreign adapters refused with a clear error while every other adapter keeps serving."""
+and corrupt or foreign adapters refused with a clear error while every other adapter keeps serving; the order in
+which a DELETE and a concurrent re-add queue their model changes (a stand-in scheduler queue, drained by the test)."""
 
 from __future__ import annotations
 
@@ -147,3 +148,78 @@ def test_registry_pins_keep_in_use_adapters_resident_over_the_cap(tiny_llama, tm
     assert registry.resident() == ["y"] and lorakit.list_adapters(tiny_llama) == ["y"]
     with torch.no_grad(), lorakit.route(tiny_llama, ["y"]):
         tiny_llama(torch.zeros(1, 3, dtype=torch.long))
+
+
+class _Scheduler:
+    """A stand-in for the scheduler thread's queue: model changes run in submission order when `drain` says.
+
+    Records whether the registry lock was held when each change was queued (the fix for the DELETE/re-add race:
+    an unload queued after the lock is released lets a concurrent re-add queue its load first, which then finds
+    the old copy still loaded).
+    """
+
+    def __init__(self) -> None:
+        self.registry: AdapterRegistry | None = None
+        self.queue: list = []
+        self.queued_under_lock: list[bool] = []
+        self.hold = False
+        self.changed = threading.Condition()
+
+    def __call__(self, fn):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self.queued_under_lock.append(self.registry._lock.locked())
+        if not self.hold:
+            future.set_result(fn())
+            return future
+        with self.changed:
+            self.queue.append((fn, future))
+            self.changed.notify_all()
+        return future
+
+    def wait_for(self, n: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.queue) >= n, timeout=30), f"{len(self.queue)} queued"
+
+    def drain(self) -> None:
+        for fn, future in self.queue:
+            future.set_result(fn())
+        self.queue.clear()
+
+
+def _registry_with(tiny_llama, tmp_path, names, **kwargs) -> tuple[AdapterRegistry, _Scheduler]:
+    for name in names:
+        lorakit.add_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), name=name)
+        lorakit.save_adapter(tiny_llama, tmp_path / name, name=name)
+        lorakit.delete_adapter(tiny_llama, name)
+    scheduler = _Scheduler()
+    registry = AdapterRegistry(tiny_llama, tmp_path, run_on_model=scheduler, **kwargs)
+    scheduler.registry = registry
+    return registry, scheduler
+
+
+def test_delete_then_re_add_queues_the_unload_before_the_load(tiny_llama, tmp_path):
+    registry, scheduler = _registry_with(tiny_llama, tmp_path, ["x"])
+    registry.add("x")
+    scheduler.hold = True  # the scheduler is busy: model changes wait in its queue
+    with ThreadPoolExecutor(2) as pool:
+        removed = pool.submit(registry.remove, "x")
+        scheduler.wait_for(1)  # the unload is queued; the DELETE waits for it
+        added = pool.submit(registry.add, "x")
+        scheduler.wait_for(2)  # the re-add's load queued behind it
+        scheduler.drain()  # in queue order: unload, then load
+        removed.result(timeout=30)
+        added.result(timeout=30)
+    assert scheduler.queued_under_lock[-2:] == [True, False]  # the unload under the lock; the load after it
+    assert registry.resident() == ["x"] and lorakit.list_adapters(tiny_llama) == ["x"]
+
+
+def test_eviction_queues_its_unload_under_the_registry_lock(tiny_llama, tmp_path):
+    registry, scheduler = _registry_with(tiny_llama, tmp_path, ["x", "y"], max_adapters=1)
+    registry.acquire("x")
+    registry.release("x")
+    registry.acquire("y")  # x is evicted: its unload is queued under the lock, like a DELETE's
+    registry.release("y")
+    assert scheduler.queued_under_lock == [False, False, True]  # load x, load y, unload x
+    assert registry.resident() == ["y"] and lorakit.list_adapters(tiny_llama) == ["y"]
