@@ -49,3 +49,20 @@ def test_the_prefix_cache_size_reaches_the_engine(tiny_serve_dir):
     assert build_state(model, tokenizer, base_name="tiny").batcher.engine.engine.prefix.budget == 256 * 2**20
     off = build_state(model, tokenizer, base_name="tiny", prefix_cache_mb=0).batcher.engine.engine.prefix
     assert off.budget == 0
+
+
+def test_cuda_graphs_option_reaches_the_engine(tiny_serve_dir, monkeypatch):
+    model, tokenizer = lorakit.load_model(tiny_serve_dir)
+    assert build_state(model, tokenizer, base_name="tiny").batcher.engine.engine.graphs is None  # a CPU model
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA model"):
+        build_state(model, tokenizer, base_name="tiny", cuda_graphs=True)
+    seen = []
+
+    def fake_build_state(*args, **kwargs):
+        seen.append(kwargs["cuda_graphs"])
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr("lorakit.serve.server.build_state", fake_build_state)
+    assert main(["serve", "--model", str(tiny_serve_dir), "--no-cuda-graphs"]) == 1
+    assert main(["serve", "--model", str(tiny_serve_dir)]) == 1
+    assert seen == [False, None]

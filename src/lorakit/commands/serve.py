@@ -46,6 +46,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "template, a system prompt) under the same adapter (default 256; 0: off)",
     )
     parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on a GPU, run each decode step's kernels one by one instead of replaying a captured CUDA graph "
+        "(graphs are on by default there; they are several times faster: README)",
+    )
+    parser.add_argument(
         "--reference",
         action="store_true",
         help="decode with transformers' forward instead of the fast engine (the reference path)",
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, merge=args.merge, limits=limits, keys=keys,
         allow_adapter_paths=args.allow_adapter_paths, allow_hub_adapters=args.allow_hub_adapters,
         weights=None if args.reference else args.weights, prefix_cache_mb=args.prefix_cache_mb,
+        cuda_graphs=False if args.no_cuda_graphs else None,
     )  # fmt: skip
     state.runs_dir = Path(args.runs) if args.runs is not None else None
     served = state.model_names()

@@ -46,11 +46,12 @@ class Batcher:
         weights: Run the fast decode engine with base weights in this format (`lorakit.inference.WEIGHT_FORMATS`);
             None: transformers' forward only (the reference path).
         prefix_cache_mb: The engine's memory for reusable prompt starts (`lorakit.inference.prefix`); 0: off.
+        cuda_graphs: The engine replays decode steps as CUDA graphs (None: on for CUDA models).
     """
 
     def __init__(
         self, model, tokenizer, *, max_batch_size: int = 8, routed: bool = True, metrics=None,
-        weights: str | None = None, prefix_cache_mb: float = 256.0,
+        weights: str | None = None, prefix_cache_mb: float = 256.0, cuda_graphs: bool | None = None,
     ) -> None:  # fmt: skip
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
         self.routed, self.metrics = routed, metrics
@@ -60,7 +61,7 @@ class Batcher:
         self.engine = None
         if weights is not None:
             self.engine = EngineStep(model, weights=weights, max_batch=max_batch_size, routed=routed,
-                                     prefix_cache_mb=prefix_cache_mb)  # fmt: skip
+                                     prefix_cache_mb=prefix_cache_mb, cuda_graphs=cuda_graphs)  # fmt: skip
         self.step: ModelStep = self.reference if self.engine is None else self.engine
         self._wanted = self.step
         self.context = context if self.engine is None else min(context, self.engine.max_len)

@@ -42,6 +42,7 @@ def build_state(
     allow_hub_adapters: bool = False,
     weights: str | None = "fp32",
     prefix_cache_mb: float = 256.0,
+    cuda_graphs: bool | None = None,
 ) -> ServeState:
     """Everything a server needs around a loaded ``(model, tokenizer)``.
 
@@ -64,6 +65,8 @@ def build_state(
             fp32 falls back to the reference path on models the engine cannot run; other formats raise there.
         prefix_cache_mb: The engine's memory for the keys/values of earlier prompts, reused by requests whose
             prompt starts the same way under the same adapter (`lorakit.inference.prefix`); 0: off.
+        cuda_graphs: The engine replays decode steps as CUDA graphs (`lorakit.inference.graphs`); None: on for a
+            model on CUDA, False: off (True on a CPU model is an error).
 
     Raises:
         ConfigError: bad sizes or weight format; AdapterNotFoundError / FormatError / IncompatibleAdapterError
@@ -76,7 +79,8 @@ def build_state(
     metrics, keys = Metrics(), keys or Keys()
     if not prefix_cache_mb >= 0:
         raise ConfigError(f"prefix_cache_mb must be >= 0 (0: off), got {prefix_cache_mb}")
-    options = {"max_batch_size": max_batch_size, "metrics": metrics, "prefix_cache_mb": prefix_cache_mb}
+    options = {"max_batch_size": max_batch_size, "metrics": metrics, "prefix_cache_mb": prefix_cache_mb,
+               "cuda_graphs": cuda_graphs}  # fmt: skip
     if merge is not None:
         path = Path(merge) if Path(merge).is_dir() else AdapterRegistry(model, adapters_dir).path(merge)
         name = path.name if Path(merge).is_dir() else merge

@@ -118,17 +118,21 @@ class EngineStep:
         max_batch: Most rows decoding together.
         routed: Apply each row's adapter (False in merged mode: every row runs the bare, merged model).
         prefix_cache_mb: Memory for reusable prompt starts (`lorakit.inference.prefix`); 0: off.
+        cuda_graphs: Replay decode steps as CUDA graphs (`lorakit.inference.graphs`); None: on for CUDA models.
     """
 
     name = "engine"
 
-    def __init__(self, model, *, weights: str, max_batch: int, routed: bool, prefix_cache_mb: float = 256.0) -> None:
+    def __init__(
+        self, model, *, weights: str, max_batch: int, routed: bool, prefix_cache_mb: float = 256.0,
+        cuda_graphs: bool | None = None,
+    ) -> None:  # fmt: skip
         from lorakit.inference import DecodeEngine
 
         self.model, self.routed = model, routed
         context = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)  # the cache grows on demand
         self.engine = DecodeEngine(model, weights=weights, max_batch=max_batch, max_len=context,
-                                   prefix_cache_mb=prefix_cache_mb)  # fmt: skip
+                                   prefix_cache_mb=prefix_cache_mb, cuda_graphs=cuda_graphs)  # fmt: skip
 
     @property
     def cached_tokens(self) -> int:
