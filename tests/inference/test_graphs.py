@@ -128,3 +128,17 @@ def test_captured_graphs_on_cuda_equal_eager_and_model_generate(lora_llama):
         tokens = logits_eager.argmax(-1)
         logits_eager, logits_graph = eager.decode(tokens), graphs.decode(tokens)
         torch.testing.assert_close(logits_graph, logits_eager, atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_capture_falls_back_to_the_eager_step(lora_llama, monkeypatch, caplog):
+    engine = _static_engine(lora_llama, max_batch=2, max_len=40)
+
+    def cannot_capture(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine.graphs, "decode_hidden", cannot_capture)
+    ids = prompts(2, seed=8)
+    with caplog.at_level("WARNING", logger="lorakit.inference.engine"):
+        got = run_engine(engine, ids, ["qv", "all"], 8, set())
+    assert engine.graphs is None and "decoding without graphs" in caplog.text
+    assert got == reference_generate(lora_llama, ids, ["qv", "all"], 8, [])
