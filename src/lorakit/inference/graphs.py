@@ -21,7 +21,6 @@ and for tests of the bookkeeping; only a CUDA device captures real graphs.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from torch import Tensor
 if TYPE_CHECKING:
     from lorakit.inference.engine import DecodeEngine
 
-log = logging.getLogger(__name__)
 GRAPH_FORMATS = ("fp32", "fp16", "bf16")  # int8/int4 are CPU kernels; nf4 dequantizes per call
 
 
@@ -55,8 +53,8 @@ class DecodeGraphs:
         limit: Most graphs kept (least recently used go first).
 
     Attributes:
-        captures: Graphs recorded so far (re-captures included).
-        failed: Why capturing failed, if it did; the engine then decodes eagerly.
+        captures: Graphs recorded so far (re-captures included). A capture that raises is the engine's to handle
+            (it decodes eagerly from then on).
     """
 
     def __init__(self, engine: DecodeEngine, *, capture: bool | None = None, limit: int = 64) -> None:
@@ -65,7 +63,6 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.steps: OrderedDict[tuple, _Step] = OrderedDict()
         self.captures = 0
-        self.failed: str | None = None
 
     def clear(self) -> None:
         """Drop every graph (their memory returns to the pool)."""
