@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -58,8 +59,7 @@ def sync(device: str) -> None:
 
 
 def timed(device: str, fn) -> float:
-    import time
-
+    """Seconds ``fn`` takes, the device's queued work included."""
     sync(device)
     start = time.perf_counter()
     fn()
