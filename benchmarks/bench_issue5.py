@@ -124,15 +124,21 @@ def spawn(kind: str, a: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def jobs() -> list[tuple[str, str]]:
-    train = [("train", name) for name in bench_speed.CONFIGS]
-    return [*train, ("qlora", "fp32"), ("qlora", "qlora"), ("ce", "unchunked"), ("ce", "chunked")]
+PARTS = ("train", "qlora", "ce", "inference", "io", "saved")
+
+
+def jobs(parts=PARTS) -> list[tuple[str, str]]:
+    """The alternating subprocess measurements of ``parts``, in order."""
+    every = [("train", name) for name in bench_speed.CONFIGS]
+    every += [("qlora", "fp32"), ("qlora", "qlora"), ("ce", "unchunked"), ("ce", "chunked")]
+    return [(kind, name) for kind, name in every if kind in parts]
 
 
 def run(a: dict) -> dict:
-    runs: dict[str, list[dict]] = {f"{k}:{n}": [] for k, n in jobs()}
+    parts = a.get("parts", PARTS)
+    runs: dict[str, list[dict]] = {f"{k}:{n}": [] for k, n in jobs(parts)}
     for rep in range(a["reps"]):
-        for kind, name in jobs():
+        for kind, name in jobs(parts):
             runs[f"{kind}:{name}"].append(spawn(kind, {**a, "name": name}))
             print(f"rep {rep} {kind}:{name}: {runs[f'{kind}:{name}'][-1]}", file=sys.stderr, flush=True)
     med = {key: {k: _median([r[k] for r in rs]) for k in rs[0]} for key, rs in runs.items()}
@@ -140,10 +146,11 @@ def run(a: dict) -> dict:
     for key, m in med.items():
         kind, name = key.split(":")
         out[{"train": "train", "qlora": "qlora", "ce": "chunked_ce"}[kind]][name] = m
-    out["inference_s"] = spawn("generate", a)
-    out["adapter_io"] = spawn("adapter_io", a)
-    out["saved_for_backward_mib"] = spawn("saved", a)
-    return out
+    for part, key, kind in (("inference", "inference_s", "generate"), ("io", "adapter_io", "adapter_io"),
+                            ("saved", "saved_for_backward_mib", "saved")):  # fmt: skip
+        if part in parts:
+            out[key] = spawn(kind, a)
+    return {k: v for k, v in out.items() if v != {}}
 
 
 def _median(values: list):
@@ -162,6 +169,13 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="1 repetition of small shapes (a smoke test)")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="measure only these tables (a GPU session with little device time runs them in turns)",
+    )
     p.add_argument("--inference-only", action="store_true", help="only the inference table, with its range")
     p.add_argument("--out", default=None, help="default: benchmarks/results/issue5.json (--quick: a temp file)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -175,7 +189,7 @@ def main() -> None:
         inference_only(args)
         return
     a = {"reps": args.reps or 5, "batch": args.batch, "seq": args.seq, "threads": args.threads, "steps": args.steps,
-         "ce_batch": args.ce_batch, "ce_steps": args.ce_steps, "new_tokens": args.new_tokens,
+         "ce_batch": args.ce_batch, "ce_steps": args.ce_steps, "new_tokens": args.new_tokens, "parts": args.parts,
          "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu")}  # fmt: skip
     if args.quick:
         a.update(reps=1, batch=1, seq=32, ce_batch=2, ce_steps=1, new_tokens=4)
@@ -236,9 +250,28 @@ def _x(a: float, b: float) -> str:
 
 def tables(r: dict) -> str:
     """The Markdown tables of the README's issue-#5 section."""
-    s, t = r["settings"], r["train"]
-    low = t["lower_bound"]
+    s = r["settings"]
     unit = "GPU GiB" if s["device"].startswith("cuda") else "RSS GiB"
+    lines = [*_train_table(r["train"], s, unit)] if "train" in r else []
+    if "inference_s" in r:
+        lines += _inference_table(r["inference_s"], s)
+    if "qlora" in r:
+        lines += _qlora_table(r["qlora"], s)
+    if "adapter_io" in r:
+        io = r["adapter_io"]
+        lines += ["", "**Adapter I/O** (r=16 q,k,v,o)", "", "| | lorakit | PEFT |", "|---|---|---|",
+                  f"| save | {io['lorakit_save'] * 1e3:.0f} ms | {io['peft_save'] * 1e3:.0f} ms |",
+                  f"| load | {io['lorakit_load'] * 1e3:.0f} ms | {io['peft_load'] * 1e3:.0f} ms |",
+                  f"| file size | {io['lorakit_bytes']:,} B | {io['peft_bytes']:,} B |"]  # fmt: skip
+    if "chunked_ce" in r:
+        lines += _ce_table(r["chunked_ce"], s, unit)
+    if "saved_for_backward_mib" in r:
+        lines += ["", *_saved_table(r["saved_for_backward_mib"], s)]
+    return "\n".join(lines)
+
+
+def _train_table(t: dict, s: dict, unit: str) -> list[str]:
+    low = t["lower_bound"]
     lines = [
         f"**Training step** ({s['device']}, fp32, batch {s['batch']} x {s['seq']}, {s['threads']} thread(s), "
         f"r=16, median of {s['reps']})",
@@ -257,8 +290,11 @@ def tables(r: dict) -> str:
             f"| {_x(extra, extra_peer) if peer and extra_peer > 0 else '-'} "
             f"| {m['optimizer_state_bytes'] / 1e6:.1f} MB |"
         )
-    inf = r["inference_s"]
-    lines += ["", f"**Inference** (4 prompts; generate: {s['new_tokens']} new tokens, greedy), x base", "",
+    return lines
+
+
+def _inference_table(inf: dict, s: dict) -> list[str]:
+    lines = ["", f"**Inference** (4 prompts; generate: {s['new_tokens']} new tokens, greedy), x base", "",
               "| | lorakit unmerged | lorakit merged | PEFT unmerged | lorakit overhead / PEFT's |",
               "|---|---|---|---|---|"]  # fmt: skip
     for kind in ("forward", "generate"):
@@ -266,28 +302,30 @@ def tables(r: dict) -> str:
         ours, merged, peft = (inf[f"{kind}_{m}"] / b for m in ("lorakit", "lorakit_merged", "peft"))
         share = f"{(ours - 1) / (peft - 1):.2f}" if peft > 1 else "-"
         lines.append(f"| {kind} ({b:.3f} s base) | {ours:.3f}x | {merged:.3f}x | {peft:.3f}x | {share} |")
-    f, q = r["qlora"]["fp32"], r["qlora"]["qlora"]
+    return lines
+
+
+def _qlora_table(qlora: dict, s: dict) -> list[str]:
+    f, q = qlora["fp32"], qlora["qlora"]
+    lines: list[str] = []
     mem = "GPU MiB" if s["device"].startswith("cuda") else "MiB"
     lines += ["", "**QLoRA** (NF4 + double quant, r=16 all-linear, dropout 0.05) vs fp32 LoRA", "",
               "| measure | fp32 LoRA | QLoRA | ratio |", "|---|---|---|---|"]  # fmt: skip
     for key, label in [("step_s", "step time (s)"), ("rss_setup_mib", f"after setup ({mem})"),
                        ("peak_mib", f"peak in steps ({mem})")]:  # fmt: skip
         lines.append(f"| {label} | {f[key]:.2f} | {q[key]:.2f} | {q[key] / f[key]:.2f} |")
-    io = r["adapter_io"]
-    lines += ["", "**Adapter I/O** (r=16 q,k,v,o)", "", "| | lorakit | PEFT |", "|---|---|---|",
-              f"| save | {io['lorakit_save'] * 1e3:.0f} ms | {io['peft_save'] * 1e3:.0f} ms |",
-              f"| load | {io['lorakit_load'] * 1e3:.0f} ms | {io['peft_load'] * 1e3:.0f} ms |",
-              f"| file size | {io['lorakit_bytes']:,} B | {io['peft_bytes']:,} B |"]  # fmt: skip
-    c, u = r["chunked_ce"]["chunked"], r["chunked_ce"]["unchunked"]
-    lines += ["", f"**Chunked cross-entropy** (`lorakit train`, text rows, batch {s['ce_batch']} x {s['seq']}, "
+    return lines
+
+
+def _ce_table(ce: dict, s: dict, unit: str) -> list[str]:
+    c, u = ce["chunked"], ce["unchunked"]
+    lines = ["", f"**Chunked cross-entropy** (`lorakit train`, text rows, batch {s['ce_batch']} x {s['seq']}, "
               f"fp32, {s['ce_steps']} steps)", "", "| | unchunked | chunked | change |", "|---|---|---|---|",
               f"| peak {unit} | {u['peak_gib']:.2f} | {c['peak_gib']:.2f} "
               f"| {c['peak_gib'] - u['peak_gib']:+.2f} GiB |"]  # fmt: skip
     if c["train_s"] and u["train_s"]:
         lines.append(f"| train time | {u['train_s']:.2f} s | {c['train_s']:.2f} s | {_x(c['train_s'], u['train_s'])} |")
-    if "saved_for_backward_mib" in r:
-        lines += ["", *_saved_table(r["saved_for_backward_mib"], s)]
-    return "\n".join(lines)
+    return lines
 
 
 def _saved_table(mib: dict, s: dict) -> list[str]:
