@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from decode_common import ADAPTERS, agreement, prepare_adapters  # benchmarks/ is on sys.path
+from decode_common import ADAPTERS, agreement, prepare_adapters, timed  # benchmarks/ is on sys.path
 from provenance import finish, provenance, spread, write_results
 
 import lorakit
@@ -43,28 +42,10 @@ PEFT_SINGLE, PEFT_BATCH = "PEFT + generate (unmerged)", "PEFT + generate, one ba
 
 def engines(model, device: str, width: int) -> dict[str, tuple[DecodeEngine, DecodeEngine]]:
     """Per variant, an engine of one row (single stream) and one of 16 rows (the mixed requests)."""
-    variants = {"fp32 eager": ("fp32", False)}
-    if device == "cuda":
-        variants.update({"fp32 + CUDA graphs": ("fp32", True), "bf16 + CUDA graphs": ("bf16", True),
-                         "bf16 eager": ("bf16", False)})  # fmt: skip
-    else:
-        variants["bf16 eager"] = ("bf16", False)
+    graphs = {"fp32 + CUDA graphs": ("fp32", True), "bf16 + CUDA graphs": ("bf16", True)} if device == "cuda" else {}
+    variants = {"fp32 eager": ("fp32", False), **graphs, "bf16 eager": ("bf16", False)}
     return {name: tuple(DecodeEngine(model, weights=fmt, max_batch=b, max_len=width, cuda_graphs=graphs)
                         for b in (1, 16)) for name, (fmt, graphs) in variants.items()}  # fmt: skip
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(device: str, fn) -> float:
-    """Seconds ``fn`` takes, the device's queued work included."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def peft_generate(peft_model, prompts: list[list[int]], names: list[str], tokens: int | None, pad: int, stops):
@@ -127,17 +108,17 @@ def main() -> None:
         def round_of(r: int) -> dict[str, float]:
             one, many = prompts[17 * r], prompts[17 * r + 1 : 17 * r + 17]
             n = args.tokens
-            out = {f"single stream: {PEFT_SINGLE}": n / timed(args.device, lambda: peft_generate(
-                peft_model, [one], ["a0"], n, pad, stops))}  # fmt: skip
+            out = {f"single stream: {PEFT_SINGLE}": n / timed(lambda: peft_generate(
+                peft_model, [one], ["a0"], n, pad, stops))[0]}  # fmt: skip
             for name, (e1, _) in runs.items():
-                out[f"single stream: lorakit {name}"] = n / timed(
-                    args.device, lambda e=e1: run_engine(e, [one], ["a0"], n, set())
+                out[f"single stream: lorakit {name}"] = (
+                    n / timed(lambda e=e1: run_engine(e, [one], ["a0"], n, set()))[0]
                 )
-            out[f"16 requests: {PEFT_BATCH}"] = 16 * n / timed(args.device, lambda: peft_generate(
-                peft_model, many, names16, n, pad, stops))  # fmt: skip
+            out[f"16 requests: {PEFT_BATCH}"] = 16 * n / timed(lambda: peft_generate(
+                peft_model, many, names16, n, pad, stops))[0]  # fmt: skip
             for name, (_, e16) in runs.items():
                 out[f"16 requests: lorakit {name}"] = (
-                    16 * n / timed(args.device, lambda e=e16: run_engine(e, many, names16, n, set()))
+                    16 * n / timed(lambda e=e16: run_engine(e, many, names16, n, set()))[0]
                 )
             return out
 

@@ -43,8 +43,12 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 
 def timed(fn) -> tuple[float, object]:
+    """Seconds ``fn`` takes (a GPU's queued work included, once CUDA is in use) and what it returned."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - start, out
 
 
