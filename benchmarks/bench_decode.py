@@ -12,7 +12,8 @@ benchmarks/decode_llamacpp.py). The machine is shared: load averages are recorde
 The 16 concurrent requests of round ``r`` are the main job's held-out prompts ``16 r .. 16 r + 15`` in the chat
 template (distinct in every round; they share the template and the instruction), over adapters a0..a3; every
 request makes exactly ``--tokens`` tokens (``ignore_eos``), as llama.cpp does (EOS suppressed). Servers: fp32,
-fp16, and fp16 with the prefix cache off (what the cache buys); llama.cpp keeps its own prompt cache.
+fp16, fp16 with the prefix cache off (what the cache buys), and int8 (lorakit's native kernels); llama.cpp keeps its
+own prompt cache.
 
 Run: python benchmarks/bench_decode.py [--threads 1 2] [--tokens 64] [--rounds 3] [--quality-rows 100]
 Writes benchmarks/results/decode.json (machine, date, every sample) and prints a Markdown table.
@@ -44,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["fp32", "fp16", "bf16", "int8", "int4"]
 QUALITY_FORMATS = ["fp32", "fp16", "bf16", "int8", "int4", "nf4"]
 SERVED = {"": ("fp32", 256.0), " (fp16 base)": ("fp16", 256.0),  # the 16-request HTTP runs: name suffix ->
-          " (fp16 base, prefix cache off)": ("fp16", 0.0)}  # (base weight format, --prefix-cache-mb)  # fmt: skip
+          " (fp16 base, prefix cache off)": ("fp16", 0.0), " (int8 base)": ("int8", 256.0)}  # fmt: skip
+# (the name suffix -> (base weight format, --prefix-cache-mb))
 OPEN_TEXTS = ["Write a short poem about the sea.", "Explain photosynthesis to a child.", "Why is the sky blue?",
               "Give me three tips for studying.", "Tell me a story about a robot.", "How do I boil an egg?",
               "Describe a sunset in Paris.", "How do airplanes fly?"]  # fmt: skip
@@ -223,6 +225,8 @@ RATIOS = {  # name: (numerator, denominator), each taken within one round (side 
         "lorakit serve, 16 requests / 4 adapters (fp16 base, prefix cache off)"),
     "serve 16 requests (fp16 base) / llama.cpp one after another": (
         "lorakit serve, 16 requests / 4 adapters (fp16 base)", "llama.cpp, 16 requests one after another"),
+    "serve 16 requests (int8 base) / llama.cpp one after another": (
+        "lorakit serve, 16 requests / 4 adapters (int8 base)", "llama.cpp, 16 requests one after another"),
 }  # fmt: skip
 
 

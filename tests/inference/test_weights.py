@@ -7,14 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.errors import ConfigError
+from lorakit.inference import native
 from lorakit.inference.weights import PackedWeight, pack_int4, quantize_int8
 
 # Relative error of y = x W^T (Frobenius) that each format must stay under, for Gaussian weights.
 BOUNDS = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2, "int8": 1.5e-2, "int4": 0.12, "nf4": 0.12}
 
 
-@pytest.mark.parametrize("fmt", list(BOUNDS))
-def test_packed_matmul_is_close_to_fp32(fmt):
+@pytest.mark.parametrize("fmt", [*BOUNDS, "int8-torch"])
+def test_packed_matmul_is_close_to_fp32(fmt, monkeypatch):
+    from lorakit.inference import weights
+
+    if fmt == "int8-torch":  # PyTorch's kernel: where lorakit's native one cannot be built
+        monkeypatch.setattr(weights, "library", lambda: None)
+        fmt = "int8"
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
     x = torch.randn(5, 64, generator=gen)
@@ -33,11 +39,18 @@ def test_int8_codes_and_scales_reconstruct_the_weight():
     torch.testing.assert_close(q.float() * scale[:, None], w, atol=0.5 / 127 * 2, rtol=0)
 
 
-def test_bytes_per_format_shrink_as_documented():
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_bytes_per_format_shrink_as_documented(kernel, monkeypatch):
+    from lorakit.inference import weights
+
+    if kernel == "torch":
+        monkeypatch.setattr(weights, "library", lambda: None)
+    elif weights.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     w = torch.randn(128, 256)
     sizes = {fmt: PackedWeight(w, None, fmt).nbytes for fmt in BOUNDS}
     assert sizes["fp32"] == 128 * 256 * 4 and sizes["bf16"] == sizes["fp16"] == 128 * 256 * 2
-    assert sizes["int8"] == 128 * 256 + 128 * 2
+    assert sizes["int8"] == 128 * 256 + 128 * (4 if kernel == "native" else 2)  # fp32 / bf16 scales
     assert sizes["int4"] < sizes["int8"] / 1.5 and sizes["nf4"] < sizes["int8"] / 1.5
 
 

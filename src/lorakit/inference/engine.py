@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.errors import ConfigError
-from lorakit.inference import llama
+from lorakit.inference import llama, native
 from lorakit.inference.adapters import ProjectionAdapters
 from lorakit.inference.batch_adapters import BatchAdapters
 from lorakit.inference.graphs import GRAPH_FORMATS, DecodeGraphs
@@ -90,6 +90,8 @@ class DecodeEngine:
                               f"got device {self.device}, weights {weights!r}, compile={compile}")  # fmt: skip
         use = on_cuda and weights in GRAPH_FORMATS and not compile if cuda_graphs is None else cuda_graphs
         self.graphs: DecodeGraphs | None = DecodeGraphs(self) if use else None
+        # decode attention in lorakit's C kernel (`lorakit.inference.native`) on a CPU that can build it
+        self._native_attention = self.device.type == "cpu" and not compile and native.library() is not None
 
     def _block(self, index: int, layer: nn.Module) -> llama.Block:
         path = f"model.layers.{index}"
@@ -290,8 +292,10 @@ class DecodeEngine:
         slots = torch.arange(first, first + n, device=pos.device)
         heads = torch.arange(kv, device=pos.device)
         where = ((slots[:, None, None] * kv + heads[None, :, None]) * size + pos[:, None]).reshape(-1)  # rows*Hkv*W
+        # one new token per row on a CPU with the native kernels: attention reads each row's own columns directly
+        valid = (pos[:, 0] + 1) if w == 1 and self._native_attention else None
         for i, block in enumerate(self.blocks):
-            x = self._layer(i, block, x, cos, sin, (where, span, first), mask)
+            x = self._layer(i, block, x, cos, sin, (where, span, first, valid), mask)
         return x
 
     def _layer(
@@ -300,7 +304,8 @@ class DecodeEngine:
     ) -> Tensor:  # fmt: skip
         """One decoder layer.
 
-        ``where`` is the prefill's slots (a slice), or a decode / extension's flat cache index, span and first slot.
+        ``where`` is the prefill's slots (a slice), or a decode / extension's flat cache index, span, first slot and
+        (one token per row, native attention) each row's visible columns.
         """
         n, s, hidden = x.shape
         q, k, v = llama.attention_inputs(block, self.dims, llama.rms_norm(x, block.ln1, self.dims.eps), cos, sin)
@@ -309,11 +314,15 @@ class DecodeEngine:
             keys[where, :, :s], values[where, :, :s] = k, v
             attn = llama.attend(q, k, v, None, causal=True)
         else:  # decode: one new column per row, at its own position
-            index, span, lo = where
+            index, span, lo, valid = where
             d = self.dims.head_dim
             keys.view(-1, d).index_copy_(0, index, k.reshape(-1, d))
             values.view(-1, d).index_copy_(0, index, v.reshape(-1, d))
-            attn = llama.attend(q, keys[lo : lo + n, :, :span], values[lo : lo + n, :, :span], mask, causal=False)
+            keys, values = keys[lo : lo + n, :, :span], values[lo : lo + n, :, :span]
+            if valid is not None:
+                attn = native.attend_one(q, keys, values, valid)
+            else:
+                attn = llama.attend(q, keys, values, mask, causal=False)
         x = x + block.linear("o", attn.reshape(n * s, -1)).reshape(n, s, hidden)
         h = llama.rms_norm(x, block.ln2, self.dims.eps).reshape(n * s, hidden)
         return x + llama.mlp(block, h).reshape(n, s, hidden)

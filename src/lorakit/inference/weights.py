@@ -10,9 +10,10 @@ Decode at batch 1 reads every weight once per token, so its speed follows the by
   Elsewhere (a CPU without FBGEMM) the fp16-rounded weight is kept widened to fp32, once: the same numbers, with
   fp32's bytes and speed (``nbytes`` says so). Weights beyond fp16's range (65504) are refused.
 - ``bf16``: a bf16 copy; activations are cast to bf16 for the matmul and the result back to fp32.
-- ``int8``: symmetric per-output-channel int8 (``w ~ q * scale``), PyTorch's weight-only kernel
-  (``torch._weight_int8pack_mm``) with bf16 activations (its fp32 path is ~5x slower on AVX2): a quarter of
-  fp32's bytes.
+- ``int8``: symmetric per-output-channel int8 (``w ~ q * scale``): a quarter of fp32's bytes. On x86 CPUs with
+  AVX2 and a C compiler it runs lorakit's own kernel (`lorakit.inference.native`: fp32 activations, fp32
+  accumulation, only the weights rounded); elsewhere PyTorch's weight-only kernel (``torch._weight_int8pack_mm``)
+  with bf16 activations (its fp32 path is ~5x slower on AVX2).
 - ``int4``: asymmetric 4-bit in groups of 32 input columns (``w ~ (q - 8) * scale + zero``), packed for PyTorch's
   CPU kernel (``torch._weight_int4pack_mm_for_cpu``): an eighth of fp32's bytes plus the group scales.
 - ``nf4``: lorakit's NF4 (`lorakit.quant.nf4`, the QLoRA format) dequantized on every call; the smallest resident
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorakit.errors import ConfigError
+from lorakit.inference.native import Int8Weight, library
 
 WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "nf4")
 INT4_GROUP = 32
@@ -64,7 +66,11 @@ class PackedWeight:
             self.w = w.to(torch.bfloat16)
         elif fmt == "int8":
             self.w, scale = quantize_int8(w.float())
-            self.scale = scale.to(torch.bfloat16)  # the kernel's vectorized path takes bf16 (5x fp32's speed)
+            self.native = Int8Weight(self.w, scale, self.bias) if w.device.type == "cpu" and library() else None
+            if self.native is not None:
+                self.w = torch.empty(0, dtype=torch.int8)  # the packed copy is the only one
+            else:
+                self.scale = scale.to(torch.bfloat16)  # PyTorch's vectorized path takes bf16 (5x fp32's speed)
         elif fmt == "int4":
             self.w, self.scale = pack_int4(w.float())
         else:
@@ -79,6 +85,8 @@ class PackedWeight:
             return self.w.nbytes()
         if self.fmt == "fp16":
             return self.out_features * self.in_features * (2 if self.packed is not None or self.w.is_cuda else 4)
+        if self.fmt == "int8" and self.native is not None:
+            return self.native.nbytes
         tensors = [self.w, getattr(self, "scale", None)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -93,6 +101,8 @@ class PackedWeight:
         elif self.fmt == "bf16":
             y = F.linear(x.to(torch.bfloat16), self.w).float()
         elif self.fmt == "int8":
+            if self.native is not None:  # bias applied inside
+                return self.native(x)
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.w, self.scale).float()  # (n, out)
         elif self.fmt == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.w, INT4_GROUP, self.scale).float()

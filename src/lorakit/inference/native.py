@@ -1,0 +1,159 @@
+"""lorakit's native CPU kernels (``csrc/``): the int8 GEMM and decode attention, compiled on first use with ``cc``.
+
+Decode on a CPU reads every frozen weight once per token; PyTorch's int8 weight-only kernel takes bf16 activations
+and its GEMM slows down at a handful of rows, so the int8 format (`lorakit.inference.weights`) runs this kernel
+where it can: int8 weights (one scale per output row) widened to fp32 in registers, fp32 activations and fp32
+accumulation, a tile of 16 output columns read once per k for up to 6 rows.
+
+The shared library is built once per source and compiler flags with ``$CC`` (default ``cc``) into
+``$LORAKIT_HOME/native`` (default ``~/.cache/lorakit/native``), written to a temporary name and renamed, so
+concurrent processes never load a half-written file. It needs x86-64 with AVX2 and FMA, Linux's
+``/proc/cpuinfo`` to say so, and a C compiler with OpenMP; where any is missing (or ``LORAKIT_NATIVE=0``),
+`library` returns None and the int8 format uses PyTorch's kernel instead (logged once, with the reason).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_gemm.c", "attend.c")]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+TILE = 16  # output rows per packed tile (NT in the C source)
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernel cannot run here (None: it can be built)."""
+    if os.environ.get("LORAKIT_NATIVE", "1") == "0":
+        return "LORAKIT_NATIVE=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the CPU is {platform.machine()}, not x86-64"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "no /proc/cpuinfo to check the CPU for AVX2 and FMA"
+    missing = [f for f in ("avx2", "fma") if f not in flags]
+    if missing:
+        return f"the CPU lacks {' and '.join(missing)}"
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        return f"no C compiler ({os.environ.get('CC', 'cc')!r} is not on PATH; set CC)"
+    return None
+
+
+def _home() -> Path:
+    return Path(os.environ.get("LORAKIT_HOME") or "~/.cache/lorakit").expanduser() / "native"
+
+
+def _build() -> Path:
+    """Compile the source (once per source and flags) and return the shared library's path."""
+    cc = os.environ.get("CC", "cc")
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    digest = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    target = _home() / f"lorakit_native_{digest}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise OSError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first call; None (logged once) where it cannot run."""
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = f"building it failed: {exc}"
+        else:
+            c_long, ptr = ctypes.c_long, ctypes.c_void_p
+            lib.lk_int8_gemm.argtypes = [ptr, c_long, c_long, c_long, ptr, ptr, ptr, ptr, c_long, c_long, ctypes.c_int]
+            lib.lk_int8_gemm.restype = None
+            lib.lk_attend_one.argtypes = [ptr, ptr, ptr, c_long, c_long, ptr, ptr, c_long, c_long, c_long, c_long,
+                                          ctypes.c_int]  # fmt: skip
+            lib.lk_attend_one.restype = None
+            return lib
+    log.info("lorakit's native int8 kernel is off (%s); int8 weights use PyTorch's kernel", reason)
+    return None
+
+
+class Int8Weight:
+    """A ``(out, in)`` int8 weight with per-output-row scales, packed for `lk_int8_gemm`; ``self(x)`` applies it.
+
+    Args:
+        q: int8 ``(out, in)``.
+        scale: fp32 ``(out,)``: ``w ~ q * scale``.
+        bias: Optional fp32 ``(out,)``.
+    """
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the native int8 kernel is not available here (see lorakit.inference.native)")
+        self._fn = lib.lk_int8_gemm
+        self.out_features, self.in_features = q.shape
+        pad = -self.out_features % TILE
+        tiles = (self.out_features + pad) // TILE
+        q = torch.cat([q, q.new_zeros(pad, self.in_features)])  # (tiles * 16, in)
+        self.packed = q.reshape(tiles, TILE, self.in_features).transpose(1, 2).contiguous()  # (tiles, in, 16)
+        self.scale = torch.cat([scale.float(), scale.new_zeros(pad, dtype=torch.float32)]).contiguous()
+        self.bias = None if bias is None else torch.cat([bias.float(), bias.new_zeros(pad, dtype=torch.float32)])
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes: the packed weight (padded to 16 rows) and its scales."""
+        return self.packed.numel() + 4 * self.scale.numel()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x @ (q * scale)^T + bias`` for fp32 ``x (n, in)`` on the CPU; fp32 ``(n, out)``."""
+        if x.dtype != torch.float32 or x.stride(-1) != 1:
+            x = x.float().contiguous()
+        n = x.shape[0]
+        y = torch.empty(n, self.out_features)
+        if n:
+            bias = 0 if self.bias is None else self.bias.data_ptr()
+            self._fn(x.data_ptr(), n, self.in_features, x.stride(0), self.packed.data_ptr(), self.scale.data_ptr(),
+                     bias, y.data_ptr(), self.out_features, self.out_features, torch.get_num_threads())  # fmt: skip
+        return y
+
+
+def attend_one(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor) -> Tensor:
+    """Decode attention (`lk_attend_one`), one query per row; returns ``(n, 1, H * D)`` fp32.
+
+    ``q (n, H, 1, D)`` fp32; ``keys, values (n, Hkv, T, D)`` fp32 views of a cache whose last two dims are
+    contiguous; ``valid (n,)`` int64, the columns each row sees (its length; the rest is masked).
+    """
+    n, heads, _, d = q.shape
+    if keys.stride(-1) != 1 or keys.stride(-2) != d or keys.stride() != values.stride():
+        raise ValueError(f"keys/values need contiguous (T, D) planes and equal strides, got {keys.stride()}")
+    q = q.reshape(n, heads, d).contiguous()
+    out = torch.empty(n, heads, d)
+    library().lk_attend_one(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+                            valid.data_ptr(), out.data_ptr(), n, heads, keys.shape[1], d,
+                            torch.get_num_threads())  # fmt: skip
+    return out.reshape(n, 1, heads * d)

@@ -1,0 +1,116 @@
+"""lorakit's native CPU kernels (`lorakit.inference.native`) against the formula, and their build and fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.inference import native
+from lorakit.inference.weights import quantize_int8
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"native: {native.unavailable_reason()}")
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_gemm_equals_the_formula_for_every_row_count_and_ragged_shape(threads, bias):
+    """Rows 0..17 (every micro-tile size and split), out not a multiple of 16, in odd (the k-loop remainders)."""
+    gen = torch.Generator().manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_f, in_f in [(37, 53), (16, 64), (200, 7)]:
+            q, scale = quantize_int8(torch.randn(out_f, in_f, generator=gen))
+            b = torch.randn(out_f, generator=gen) if bias else None
+            weight = native.Int8Weight(q, scale, b)
+            dense = (q.double() * scale.double()[:, None]).T  # (in, out)
+            for rows in range(18):
+                x = torch.randn(rows, in_f, generator=gen)
+                want = x.double() @ dense + (0 if b is None else b.double())
+                got = weight(x)
+                assert got.dtype == torch.float32 and got.shape == (rows, out_f)
+                torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
+def test_int8_gemm_reads_strided_rows_and_keeps_the_inputs():
+    gen = torch.Generator().manual_seed(1)
+    q, scale = quantize_int8(torch.randn(24, 40, generator=gen))
+    weight = native.Int8Weight(q, scale, None)
+    wide = torch.randn(5, 100, generator=gen)
+    x = wide[:, 10:50]  # rows 100 floats apart
+    before = wide.clone()
+    torch.testing.assert_close(weight(x), x @ (q.float() * scale[:, None]).T, atol=1e-4, rtol=1e-5)
+    assert torch.equal(wide, before)
+    assert weight.nbytes == 32 * 40 + 32 * 4  # padded to two tiles of 16 rows, fp32 scales
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_equals_sdpa_with_each_rows_own_length(threads):
+    """Grouped-query attention over a strided cache view; row r sees columns < valid[r] (what the mask says)."""
+    gen = torch.Generator().manual_seed(2)
+    n, heads, kv, d, size, span = 5, 6, 2, 40, 32, 17
+    cache_k = torch.randn(n + 2, kv, size, d, generator=gen)
+    cache_v = torch.randn(n + 2, kv, size, d, generator=gen)
+    keys, values = cache_k[1 : 1 + n, :, :span], cache_v[1 : 1 + n, :, :span]  # slots 1.., first span columns
+    q = torch.randn(n, heads, 1, d, generator=gen)
+    valid = torch.tensor([17, 1, 9, 16, 3])
+    mask = (torch.arange(span) < valid[:, None])[:, None, None]  # (n, 1, 1, span)
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # (n, H, 1, D)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.attend_one(q, keys, values, valid)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(n, 1, heads * d), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.attend_one(q, keys.transpose(2, 3), values.transpose(2, 3), valid)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+def test_switched_off_or_no_compiler_falls_back_with_the_reason(fresh_library, monkeypatch, caplog):
+    monkeypatch.setenv("LORAKIT_NATIVE", "0")
+    assert native.unavailable_reason() == "LORAKIT_NATIVE=0"
+    with caplog.at_level(logging.INFO, logger="lorakit.inference.native"):
+        assert native.library() is None
+    assert "LORAKIT_NATIVE=0" in caplog.text and "PyTorch's kernel" in caplog.text
+    with pytest.raises(RuntimeError, match="not available"):
+        native.Int8Weight(torch.zeros(2, 2, dtype=torch.int8), torch.ones(2), None)
+    monkeypatch.delenv("LORAKIT_NATIVE")
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    if native.unavailable_reason() is None or "CPU" in native.unavailable_reason():
+        pytest.skip(f"this CPU cannot run the kernels anyway: {native.unavailable_reason()}")
+    assert "no C compiler ('no-such-compiler-here'" in native.unavailable_reason()
+
+
+@needs_native
+def test_a_failing_compiler_leaves_no_library_behind(fresh_library, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # exits 1, writes nothing
+    with caplog.at_level(logging.INFO, logger="lorakit.inference.native"):
+        assert native.library() is None
+    assert "building it failed: false failed (1)" in caplog.text
+    assert list((fresh_library / "native").iterdir()) == []  # no temporary or partial .so left
+
+
+@needs_native
+def test_built_once_per_source_then_reused(fresh_library):
+    path = native._build()
+    assert path.parent == fresh_library / "native" and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert native._build() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
