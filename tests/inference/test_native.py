@@ -114,3 +114,15 @@ def test_built_once_per_source_then_reused(fresh_library):
     stamp = path.stat().st_mtime_ns
     assert native._build() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@needs_native
+def test_int8_gemm_gives_a_row_the_same_bits_whatever_its_batch_mates():
+    """Every row sums its products in one order (the tile is widened once and shared by chunks of rows)."""
+    gen = torch.Generator().manual_seed(3)
+    q, scale = quantize_int8(torch.randn(48, 300, generator=gen))
+    weight = native.Int8Weight(q, scale, torch.randn(48, generator=gen))
+    x = torch.randn(17, 300, generator=gen)
+    alone = torch.cat([weight(x[i : i + 1]) for i in range(17)])
+    for rows in (2, 5, 6, 7, 13, 16, 17):
+        assert torch.equal(weight(x[:rows]), alone[:rows]), rows

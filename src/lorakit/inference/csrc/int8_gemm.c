@@ -9,12 +9,14 @@
    The weights are widened to fp32 in registers (8 at a time) and every product is accumulated in fp32: only the
    weights are rounded (to int8), never the activations. Decode reads each weight once per step, so the kernel is
    built around that read: a 16-column tile of weights is loaded once per k and multiplied into up to 6 rows' fp32
-   accumulators (12 of the 16 vector registers); batches of more rows take the tile again from the L1/L2 cache.
-   With one row the k loop is unrolled with separate accumulators, so the FMA latency is hidden while the weights
-   stream from memory. Tiles are split over threads (OpenMP). */
+   accumulators (12 of the 16 vector registers); batches of more rows widen the tile once into a buffer that each
+   chunk of rows reads from the L1/L2 cache. Every row sums its products in the same order (k = 0..K-1, one
+   accumulator per 8 columns) whatever the batch, so a row's result does not depend on its batch-mates.
+   Tiles are split over threads (OpenMP). */
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NT 16 /* output rows per tile */
@@ -36,12 +38,17 @@ static inline __attribute__((always_inline)) void widen(const int8_t *p, __m256 
     }
 
 static inline __attribute__((always_inline)) void tile(const int MR, const float *x, long ldx, const int8_t *w,
-                                                       long K, __m256 out[MR_MAX][2]) {
+                                                       const float *wf, long K, __m256 out[MR_MAX][2]) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (long k = 0; k < K; k++) {
         __m256 lo, hi;
-        widen(w + k * NT, &lo, &hi);
+        if (wf) { /* the tile already widened (several row chunks share it) */
+            lo = _mm256_loadu_ps(wf + k * NT);
+            hi = _mm256_loadu_ps(wf + k * NT + 8);
+        } else {
+            widen(w + k * NT, &lo, &hi);
+        }
         FMA_ROW(0, lo, hi, k) FMA_ROW(1, lo, hi, k) FMA_ROW(2, lo, hi, k)
         FMA_ROW(3, lo, hi, k) FMA_ROW(4, lo, hi, k) FMA_ROW(5, lo, hi, k)
     }
@@ -49,46 +56,16 @@ static inline __attribute__((always_inline)) void tile(const int MR, const float
     out[3][0] = c30, out[3][1] = c31, out[4][0] = c40, out[4][1] = c41, out[5][0] = c50, out[5][1] = c51;
 }
 
-/* One row: the weights stream from memory, so the k loop is unrolled 4 ways with separate accumulators to hide the
-   FMA latency (one chain per k would wait on it). */
-static void tile1(const float *x, const int8_t *w, long K, __m256 out[MR_MAX][2]) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
-    long k = 0;
-    for (; k + 4 <= K; k += 4) {
-        __m256 lo, hi;
-        widen(w + k * NT, &lo, &hi);
-        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), lo, a0);
-        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), hi, a1);
-        widen(w + (k + 1) * NT, &lo, &hi);
-        b0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), lo, b0);
-        b1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), hi, b1);
-        widen(w + (k + 2) * NT, &lo, &hi);
-        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), lo, c0);
-        c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), hi, c1);
-        widen(w + (k + 3) * NT, &lo, &hi);
-        d0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), lo, d0);
-        d1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), hi, d1);
-    }
-    for (; k < K; k++) {
-        __m256 lo, hi;
-        widen(w + k * NT, &lo, &hi);
-        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), lo, a0);
-        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), hi, a1);
-    }
-    out[0][0] = _mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(c0, d0));
-    out[0][1] = _mm256_add_ps(_mm256_add_ps(a1, b1), _mm256_add_ps(c1, d1));
-}
-
-static void rows_tile(int mr, const float *x, long ldx, const int8_t *w, long K, const float *scale,
-                      const float *bias, float *y, long ldy, long n0, long N) {
+static void rows_tile(int mr, const float *x, long ldx, const int8_t *w, const float *wf, long K,
+                      const float *scale, const float *bias, float *y, long ldy, long n0, long N) {
     __m256 out[MR_MAX][2];
     switch (mr) {
-        case 1: tile1(x, w, K, out); break;
-        case 2: tile(2, x, ldx, w, K, out); break;
-        case 3: tile(3, x, ldx, w, K, out); break;
-        case 4: tile(4, x, ldx, w, K, out); break;
-        case 5: tile(5, x, ldx, w, K, out); break;
-        default: tile(6, x, ldx, w, K, out); break;
+        case 1: tile(1, x, ldx, w, wf, K, out); break;
+        case 2: tile(2, x, ldx, w, wf, K, out); break;
+        case 3: tile(3, x, ldx, w, wf, K, out); break;
+        case 4: tile(4, x, ldx, w, wf, K, out); break;
+        case 5: tile(5, x, ldx, w, wf, K, out); break;
+        default: tile(6, x, ldx, w, wf, K, out); break;
     }
     __m256 s0 = _mm256_loadu_ps(scale + n0), s1 = _mm256_loadu_ps(scale + n0 + 8);
     __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
@@ -112,20 +89,33 @@ static void rows_tile(int mr, const float *x, long ldx, const int8_t *w, long K,
     }
 }
 
-/* Rows are split into chunks of at most 6, as even as possible (16 rows: 6, 5, 5). */
+/* Rows are split into chunks of at most 6, as even as possible (16 rows: 6, 5, 5). With several chunks, each tile
+   is widened to fp32 once (into a per-thread buffer: K * 64 bytes) and the chunks read that. */
 void lk_int8_gemm(const float *x, long M, long K, long ldx, const int8_t *packed, const float *scale,
                   const float *bias, float *y, long N, long ldy, int threads) {
     long tiles = (N + NT - 1) / NT;
     long chunks = (M + MR_MAX - 1) / MR_MAX;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tiles > 1)
-    for (long t = 0; t < tiles; t++) {
-        const int8_t *w = packed + t * K * NT;
-        long m = 0;
-        for (long c = 0; c < chunks; c++) {
-            long mr = (M - m) / (chunks - c);
-            if ((M - m) % (chunks - c)) mr++;
-            rows_tile((int)mr, x + m * ldx, ldx, w, K, scale, bias, y + m * ldy, ldy, t * NT, N);
-            m += mr;
+#pragma omp parallel num_threads(threads) if (threads > 1 && tiles > 1)
+    {
+        float *wf = chunks > 1 ? aligned_alloc(64, (size_t)K * NT * sizeof(float) + 64) : NULL;
+#pragma omp for schedule(static)
+        for (long t = 0; t < tiles; t++) {
+            const int8_t *w = packed + t * K * NT;
+            if (wf)
+                for (long k = 0; k < K; k++) {
+                    __m256 lo, hi;
+                    widen(w + k * NT, &lo, &hi);
+                    _mm256_store_ps(wf + k * NT, lo);
+                    _mm256_store_ps(wf + k * NT + 8, hi);
+                }
+            long m = 0;
+            for (long c = 0; c < chunks; c++) {
+                long mr = (M - m) / (chunks - c);
+                if ((M - m) % (chunks - c)) mr++;
+                rows_tile((int)mr, x + m * ldx, ldx, w, wf, K, scale, bias, y + m * ldy, ldy, t * NT, N);
+                m += mr;
+            }
         }
+        free(wf);
     }
 }
