@@ -126,3 +126,62 @@ def test_int8_gemm_gives_a_row_the_same_bits_whatever_its_batch_mates():
     alone = torch.cat([weight(x[i : i + 1]) for i in range(17)])
     for rows in (2, 5, 6, 7, 13, 16, 17):
         assert torch.equal(weight(x[:rows]), alone[:rows]), rows
+
+
+@needs_native
+def test_rms_norm_equals_the_reference():
+    from lorakit.inference.llama import rms_norm
+
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(7, 70, generator=gen) * 3, torch.randn(70, generator=gen)
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.rms_norm(x.T, w, 1e-5)
+
+
+@needs_native
+def test_rope_cache_rotates_q_and_k_and_writes_each_row_at_its_own_slot_and_column():
+    from lorakit.inference.llama import rotate, signed_sin
+
+    gen = torch.Generator().manual_seed(5)
+    n, heads, kv, d, size, first = 3, 4, 2, 16, 10, 2
+    qkv = torch.randn(n, (heads + 2 * kv) * d, generator=gen)
+    angles = torch.rand(n, d // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), signed_sin(torch.cat([angles.sin()] * 2, -1))
+    keys, values = torch.zeros(6, kv, size, d), torch.zeros(6, kv, size, d)
+    pos = torch.tensor([0, 7, 3])
+    q = native.rope_cache(qkv, cos, sin, keys, values, first, pos, span=8)
+    heads_all = qkv.view(n, heads + 2 * kv, d)
+    want = rotate(heads_all[:, : heads + kv], cos[:, None], sin[:, None])  # (n, H + Hkv, D)
+    torch.testing.assert_close(q, want[:, :heads], atol=1e-6, rtol=1e-6)
+    for r in range(n):
+        torch.testing.assert_close(keys[first + r, :, pos[r]], want[r, heads:], atol=1e-6, rtol=1e-6)
+        assert torch.equal(values[first + r, :, pos[r]], heads_all[r, heads + kv :])
+    written = (keys != 0).any(-1)
+    assert int(written.sum()) == n * kv  # nothing else touched
+    with pytest.raises(ValueError, match="do not fit"):
+        native.rope_cache(qkv, cos, sin, keys, values, 4, pos, span=8)  # slots 4..6 of 6
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lora_adds_each_rows_own_rank_columns(threads):
+    from lorakit.inference.adapters import ProjectionAdapters
+
+    gen = torch.Generator().manual_seed(6)
+    n, d_in, d_out, rank = 5, 40, 24, 12
+    x, y = torch.randn(n, d_in, generator=gen), torch.randn(n, d_out, generator=gen)
+    a, b = torch.randn(d_in, rank, generator=gen), torch.randn(rank, d_out, generator=gen)
+    mask = torch.zeros(n, rank)
+    mask[[0, 2], :4], mask[[1, 3], 4:], mask[4, 4:8] = 1, 1, 1  # rows 0/2, 1/3 and 4: three adapters' columns
+    want = y + ((x @ a) * mask) @ b
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.lora(x, a.T.contiguous(), b, mask, y.clone())
+        unmasked = native.lora(x, a.T.contiguous(), b, None, y.clone())
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(unmasked, y + x @ a @ b, atol=1e-4, rtol=1e-5)
+    assert ProjectionAdapters([], []).a_t is None  # no adapters: nothing to apply

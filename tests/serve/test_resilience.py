@@ -68,14 +68,15 @@ def _inject_fault(model, batcher: Batcher, armed: threading.Event) -> None:
         layer.forward = faulty
         return
     engine = batcher.engine.engine
-    run_layer = engine._layer
+    last = engine.blocks[-1]  # its projections run on every path (prefill, decode, the CPU's fused decode)
+    run_linear = last.linear
 
-    def faulty_layer(i, *args):
-        if armed.is_set() and "a1" in engine.rows and i == len(engine.blocks) - 1:
+    def faulty_linear(key, x):
+        if armed.is_set() and "a1" in engine.rows:
             raise RuntimeError("injected adapter fault")
-        return run_layer(i, *args)
+        return run_linear(key, x)
 
-    engine._layer = faulty_layer
+    last.linear = faulty_linear
 
 
 def test_an_adapter_failing_mid_batch_fails_only_its_request(tiny_serve_dir, adapters_dir, weights):

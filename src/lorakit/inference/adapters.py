@@ -20,7 +20,10 @@ import torch
 from torch import Tensor
 
 from lorakit.errors import MergeError
+from lorakit.inference import native
 from lorakit.layers.base import LoraLayer
+
+NATIVE_ROWS = 64  # up to this many rows (decode steps) a CPU applies adapters with `native.lora`; more: two matmuls
 
 
 class ProjectionAdapters:
@@ -36,6 +39,7 @@ class ProjectionAdapters:
 
     def __init__(self, parts: Sequence[tuple[LoraLayer | None, int]], names: Sequence[str]) -> None:
         self.a: Tensor | None = None
+        self.a_t: Tensor | None = None  # A_cat^T (R, in), for `native.lora` (CPU, a few rows)
         self.b: Tensor | None = None
         self.spans: dict[str, list[tuple[int, int]]] = {}
         self.broken: set[str] = set()  # adapters with a non-finite factor here (their blocks are zeros)
@@ -63,6 +67,8 @@ class ProjectionAdapters:
         for r0, c0, block in b_blocks:
             self.b[r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = block
         self.single = len(self.spans) == 1
+        if self.a.device.type == "cpu" and native.library() is not None:  # rows: lorakit's kernel reads A^T
+            self.a_t = self.a.T.contiguous()  # (R, in)
 
     def column_mask(self, rows: Sequence[str | None], device: torch.device) -> Tensor | None:
         """``(rows, R)`` 1/0 mask of each row's own rank columns; None when every row uses all of them."""
@@ -80,10 +86,16 @@ class ProjectionAdapters:
         """``y + ((x A_cat) * mask) B_cat`` for ``x (n, in)``, ``y (n, out)``; in place on ``y``."""
         if self.a is None:
             return y
+        if self.a_t is not None and x.shape[0] <= NATIVE_ROWS and _plain(x, y, mask):
+            return native.lora(x, self.a_t, self.b, mask, y)  # only each row's own rank columns
         h = x @ self.a  # (n, R)
         if mask is not None:
             h = h * mask
         return y.addmm_(h, self.b)  # (n, out)
+
+
+def _plain(*tensors: Tensor | None) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
 
 
 def layer_version(layer: LoraLayer | None) -> tuple:

@@ -90,8 +90,8 @@ class DecodeEngine:
                               f"got device {self.device}, weights {weights!r}, compile={compile}")  # fmt: skip
         use = on_cuda and weights in GRAPH_FORMATS and not compile if cuda_graphs is None else cuda_graphs
         self.graphs: DecodeGraphs | None = DecodeGraphs(self) if use else None
-        # decode attention in lorakit's C kernel (`lorakit.inference.native`) on a CPU that can build it
-        self._native_attention = self.device.type == "cpu" and not compile and native.library() is not None
+        # decode steps through lorakit's fused C kernels (`lorakit.inference.native`) on a CPU that can build them
+        self._native = self.device.type == "cpu" and not compile and native.library() is not None
 
     def _block(self, index: int, layer: nn.Module) -> llama.Block:
         path = f"model.layers.{index}"
@@ -282,6 +282,8 @@ class DecodeEngine:
         n, w = ids.shape
         x = self.embed[ids].float()  # (rows, W, hidden)
         pos = start[:, None] + torch.arange(w, device=start.device)  # (rows, W)
+        if w == 1 and self._native:  # one new token per row on a CPU: lorakit's fused kernels
+            return self._native_decode(x[:, 0], pos[:, 0].contiguous(), span, first)[:, None]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (rows, 1, W, D)
         mask = None
         if not causal_only:
@@ -292,10 +294,26 @@ class DecodeEngine:
         slots = torch.arange(first, first + n, device=pos.device)
         heads = torch.arange(kv, device=pos.device)
         where = ((slots[:, None, None] * kv + heads[None, :, None]) * size + pos[:, None]).reshape(-1)  # rows*Hkv*W
-        # one new token per row on a CPU with the native kernels: attention reads each row's own columns directly
-        valid = (pos[:, 0] + 1) if w == 1 and self._native_attention else None
         for i, block in enumerate(self.blocks):
-            x = self._layer(i, block, x, cos, sin, (where, span, first, valid), mask)
+            x = self._layer(i, block, x, cos, sin, (where, span, first), mask)
+        return x
+
+    def _native_decode(self, x: Tensor, pos: Tensor, span: int, first: int) -> Tensor:
+        """`_extend_hidden` of one token per row (``x (rows, hidden)`` at ``pos``) with lorakit's CPU kernels.
+
+        The same math as `_layer` with fewer, fused calls (`lorakit.inference.native`): RMSNorm in one call; the
+        rotary embedding, the q layout and the cache writes of k and v in one; attention over each row's own
+        ``pos + 1`` columns (no mask); per-row adapters computing only each row's own rank columns.
+        """
+        n, eps = x.shape[0], self.dims.eps
+        cos, sin, valid = self.cos[pos], self.sin[pos], pos + 1  # (rows, D), (rows, D), (rows,)
+        for i, block in enumerate(self.blocks):
+            keys, values = self.keys[i], self.values[i]  # (slots, Hkv, T, D)
+            qkv = block.linear("qkv", native.rms_norm(x, block.ln1, eps))
+            q = native.rope_cache(qkv, cos, sin, keys, values, first, pos, span)  # (rows, H, D); k, v written
+            attn = native.attend_one(q, keys[first : first + n, :, :span], values[first : first + n, :, :span], valid)
+            x = x + block.linear("o", attn.view(n, -1))
+            x = x + llama.mlp(block, native.rms_norm(x, block.ln2, eps))
         return x
 
     def _layer(
@@ -304,8 +322,7 @@ class DecodeEngine:
     ) -> Tensor:  # fmt: skip
         """One decoder layer.
 
-        ``where`` is the prefill's slots (a slice), or a decode / extension's flat cache index, span, first slot and
-        (one token per row, native attention) each row's visible columns.
+        ``where`` is the prefill's slots (a slice), or a decode / extension's flat cache index, span and first slot.
         """
         n, s, hidden = x.shape
         q, k, v = llama.attention_inputs(block, self.dims, llama.rms_norm(x, block.ln1, self.dims.eps), cos, sin)
@@ -314,15 +331,11 @@ class DecodeEngine:
             keys[where, :, :s], values[where, :, :s] = k, v
             attn = llama.attend(q, k, v, None, causal=True)
         else:  # decode: one new column per row, at its own position
-            index, span, lo, valid = where
+            index, span, lo = where
             d = self.dims.head_dim
             keys.view(-1, d).index_copy_(0, index, k.reshape(-1, d))
             values.view(-1, d).index_copy_(0, index, v.reshape(-1, d))
-            keys, values = keys[lo : lo + n, :, :span], values[lo : lo + n, :, :span]
-            if valid is not None:
-                attn = native.attend_one(q, keys, values, valid)
-            else:
-                attn = llama.attend(q, keys, values, mask, causal=False)
+            attn = llama.attend(q, keys[lo : lo + n, :, :span], values[lo : lo + n, :, :span], mask, causal=False)
         x = x + block.linear("o", attn.reshape(n * s, -1)).reshape(n, s, hidden)
         h = llama.rms_norm(x, block.ln2, self.dims.eps).reshape(n * s, hidden)
         return x + llama.mlp(block, h).reshape(n, s, hidden)

@@ -1,4 +1,4 @@
-"""lorakit's native CPU kernels (``csrc/``): the int8 GEMM and decode attention, compiled on first use with ``cc``.
+"""lorakit's native CPU kernels (``csrc/``): the int8 GEMM and the fused steps of a decode layer, built with ``cc``.
 
 Decode on a CPU reads every frozen weight once per token; PyTorch's int8 weight-only kernel takes bf16 activations
 and its GEMM slows down at a handful of rows, so the int8 format (`lorakit.inference.weights`) runs this kernel
@@ -30,7 +30,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_gemm.c", "attend.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_gemm.c", "attend.c", "decode.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 TILE = 16  # output rows per packed tile (NT in the C source)
 
@@ -97,6 +97,12 @@ def library() -> ctypes.CDLL | None:
             lib.lk_attend_one.argtypes = [ptr, ptr, ptr, c_long, c_long, ptr, ptr, c_long, c_long, c_long, c_long,
                                           ctypes.c_int]  # fmt: skip
             lib.lk_attend_one.restype = None
+            lib.lk_rms_norm.argtypes = [ptr, c_long, c_long, ptr, ctypes.c_float, ptr]
+            lib.lk_rope_cache.argtypes = [ptr, c_long, c_long, c_long, c_long, ptr, ptr, ptr, ptr, ptr, c_long, c_long,
+                                          ptr]  # fmt: skip
+            lib.lk_lora.argtypes = [ptr, c_long, c_long, ptr, ptr, c_long, c_long, ptr, ptr, ctypes.c_int]
+            for fn in (lib.lk_rms_norm, lib.lk_rope_cache, lib.lk_lora):
+                fn.restype = None
             return lib
     log.info("lorakit's native int8 kernel is off (%s); int8 weights use PyTorch's kernel", reason)
     return None
@@ -145,10 +151,10 @@ class Int8Weight:
 def attend_one(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor) -> Tensor:
     """Decode attention (`lk_attend_one`), one query per row; returns ``(n, 1, H * D)`` fp32.
 
-    ``q (n, H, 1, D)`` fp32; ``keys, values (n, Hkv, T, D)`` fp32 views of a cache whose last two dims are
-    contiguous; ``valid (n,)`` int64, the columns each row sees (its length; the rest is masked).
+    ``q (n, H, 1, D)`` or ``(n, H, D)`` fp32; ``keys, values (n, Hkv, T, D)`` fp32 views of a cache whose last two
+    dims are contiguous; ``valid (n,)`` int64, the columns each row sees (its length; the rest is masked).
     """
-    n, heads, _, d = q.shape
+    n, heads, d = q.shape[0], q.shape[1], q.shape[-1]
     if keys.stride(-1) != 1 or keys.stride(-2) != d or keys.stride() != values.stride():
         raise ValueError(f"keys/values need contiguous (T, D) planes and equal strides, got {keys.stride()}")
     q = q.reshape(n, heads, d).contiguous()
@@ -157,3 +163,45 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor) -> Tensor
                             valid.data_ptr(), out.data_ptr(), n, heads, keys.shape[1], d,
                             torch.get_num_threads())  # fmt: skip
     return out.reshape(n, 1, heads * d)
+
+
+def _check(name: str, *tensors: Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} needs contiguous fp32 CPU tensors, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of each row of ``x (n, d)`` (as `lorakit.inference.llama.rms_norm`) in one call."""
+    _check("rms_norm", x, weight)
+    y = torch.empty_like(x)
+    library().lk_rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def rope_cache(
+    qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, first: int, pos: Tensor, span: int
+) -> Tensor:  # fmt: skip
+    """Rotary embedding and cache writes after the fused q/k/v projection of one token per row; returns q.
+
+    Rotates q and k of ``qkv (n, (H + 2 Hkv) D)`` by ``cos, sin (n, D)`` (the signed sine table), writes k and v
+    into ``keys, values (slots, Hkv, size, D)`` at slot ``first + r``, column ``pos[r]`` (int64, each below
+    ``span``), and returns q ``(n, H, D)``.
+    """
+    _check("rope_cache", qkv, cos, sin, keys, values)
+    slots, kv, size, d = keys.shape
+    n = qkv.shape[0]
+    if pos.dtype != torch.int64 or not pos.is_contiguous() or first + n > slots or span > size:
+        raise ValueError(f"rows {first}..{first + n} below column {span} do not fit a cache of {tuple(keys.shape)}")
+    q = torch.empty(n, qkv.shape[1] // d - 2 * kv, d)
+    library().lk_rope_cache(qkv.data_ptr(), n, q.shape[1], kv, d, cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+                            keys.data_ptr(), values.data_ptr(), size, first, pos.data_ptr())  # fmt: skip
+    return q
+
+
+def lora(x: Tensor, a_t: Tensor, b: Tensor, mask: Tensor | None, y: Tensor) -> Tensor:
+    """``y += ((x A) * mask) B`` in place, ``A = a_t^T``: each row computes only its own rank columns (mask 1)."""
+    _check("lora", x, a_t, b, y, *([] if mask is None else [mask]))
+    library().lk_lora(x.data_ptr(), x.shape[0], x.shape[1], a_t.data_ptr(), b.data_ptr(), b.shape[0], b.shape[1],
+                      None if mask is None else mask.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return y
