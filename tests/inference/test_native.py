@@ -185,3 +185,35 @@ def test_lora_adds_each_rows_own_rank_columns(threads):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(unmasked, y + x @ a @ b, atol=1e-4, rtol=1e-5)
     assert ProjectionAdapters([], []).a_t is None  # no adapters: nothing to apply
+
+
+@needs_native
+def test_fused_int8_layers_equal_the_per_call_kernels_with_mixed_adapters(lora_llama, monkeypatch):
+    """`native.decode_layer` (a layer per call) against the same kernels called one by one from Python."""
+    from decode_helpers import prompts
+
+    from lorakit.inference import DecodeEngine
+    from lorakit.inference.generate import run_engine
+
+    calls = []
+    real = native.decode_layer
+    monkeypatch.setattr(native, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    rows = ["qv", None, "all", "mlp", "all"]
+    ids = prompts(5, seed=7)
+    fused = DecodeEngine(lora_llama, weights="int8", max_batch=5, max_len=40)
+    split = DecodeEngine(lora_llama, weights="int8", max_batch=5, max_len=40)
+    split._fuse_layers = False
+    a, b = fused.prefill(ids, rows), split.prefill(ids, rows)
+    for step in range(5):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        tokens = a.argmax(-1)
+        assert torch.equal(tokens, b.argmax(-1))
+        if step == 2:  # rows leave, the cache is compacted
+            fused.keep([4, 0, 2])
+            split.keep([4, 0, 2])
+            tokens = tokens[[4, 0, 2]]
+        a, b = fused.decode(tokens), split.decode(tokens)
+    assert len(calls) == 5 * len(fused.blocks)  # every decode step went through the fused layers
+    fused.reset()
+    split.reset()
+    assert run_engine(fused, ids, rows, 10, set()) == run_engine(split, ids, rows, 10, set())

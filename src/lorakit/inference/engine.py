@@ -92,6 +92,7 @@ class DecodeEngine:
         self.graphs: DecodeGraphs | None = DecodeGraphs(self) if use else None
         # decode steps through lorakit's fused C kernels (`lorakit.inference.native`) on a CPU that can build them
         self._native = self.device.type == "cpu" and not compile and native.library() is not None
+        self._fuse_layers = self._native and weights == "int8"  # int8: a whole layer per call (`native.decode_layer`)
 
     def _block(self, index: int, layer: nn.Module) -> llama.Block:
         path = f"model.layers.{index}"
@@ -307,6 +308,13 @@ class DecodeEngine:
         """
         n, eps = x.shape[0], self.dims.eps
         cos, sin, valid = self.cos[pos], self.sin[pos], pos + 1  # (rows, D), (rows, D), (rows,)
+        if self._fuse_layers and all(p.native is not None for b in self.blocks for p in b.proj.values()):
+            x = x.contiguous()  # a fresh tensor (the embedding lookup), updated in place layer by layer
+            for i, block in enumerate(self.blocks):  # each layer in one call, the same kernels in the same order
+                projs = [(block.proj[k].native, block.adapters[k], block.masks[k]) for k in llama.FUSED]
+                native.decode_layer(x, block.ln1, block.ln2, eps, projs, cos, sin, self.keys[i], self.values[i],
+                                    first, pos, valid, span)  # fmt: skip
+            return x
         for i, block in enumerate(self.blocks):
             keys, values = self.keys[i], self.values[i]  # (slots, Hkv, T, D)
             qkv = block.linear("qkv", native.rms_norm(x, block.ln1, eps))

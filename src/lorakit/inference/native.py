@@ -103,6 +103,9 @@ def library() -> ctypes.CDLL | None:
             lib.lk_lora.argtypes = [ptr, c_long, c_long, ptr, ptr, c_long, c_long, ptr, ptr, ctypes.c_int]
             for fn in (lib.lk_rms_norm, lib.lk_rope_cache, lib.lk_lora):
                 fn.restype = None
+            lib.lk_decode_layer.argtypes = [ptr, c_long, c_long, ptr, ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr,
+                                            c_long, c_long, ptr, ptr, c_long, c_long, c_long, ctypes.c_int]  # fmt: skip
+            lib.lk_decode_layer.restype = ctypes.c_int
             return lib
     log.info("lorakit's native int8 kernel is off (%s); int8 weights use PyTorch's kernel", reason)
     return None
@@ -205,3 +208,46 @@ def lora(x: Tensor, a_t: Tensor, b: Tensor, mask: Tensor | None, y: Tensor) -> T
     library().lk_lora(x.data_ptr(), x.shape[0], x.shape[1], a_t.data_ptr(), b.data_ptr(), b.shape[0], b.shape[1],
                       None if mask is None else mask.data_ptr(), y.data_ptr(), torch.get_num_threads())  # fmt: skip
     return y
+
+
+class _Proj(ctypes.Structure):  # lk_proj in csrc/decode.c
+    _fields_ = [("packed", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("out", ctypes.c_long), ("a_t", ctypes.c_void_p), ("b", ctypes.c_void_p), ("rank", ctypes.c_long),
+                ("mask", ctypes.c_void_p)]  # fmt: skip
+
+
+def decode_layer(
+    x: Tensor, ln1: Tensor, ln2: Tensor, eps: float, projs: list, cos: Tensor, sin: Tensor, keys: Tensor,
+    values: Tensor, first: int, pos: Tensor, valid: Tensor, span: int,
+) -> Tensor:  # fmt: skip
+    """One decoder layer for one token per row over int8 weights, in one call (`lk_decode_layer`); ``x`` in place.
+
+    The same kernels, in the same order, as the per-step calls (`rms_norm`, `Int8Weight`, `lora`, `rope_cache`,
+    `attend_one`) with the SiLU-gated MLP in C. ``projs``: for qkv, o, gate_up and down, ``(Int8Weight, adapters,
+    mask)`` where ``adapters`` has the stacked factors ``a`` (None: no adapters), ``a_t`` and ``b``
+    (`lorakit.inference.adapters.ProjectionAdapters`). ``x (n, hidden)`` contiguous fp32.
+    """
+    _check("decode_layer", x, ln1, ln2, cos, sin, keys, values)
+    slots, kv, size, d = keys.shape
+    n = x.shape[0]
+    if pos.dtype != torch.int64 or valid.dtype != torch.int64 or first + n > slots or span > size:
+        raise ValueError(f"rows {first}..{first + n} below column {span} do not fit a cache of {tuple(keys.shape)}")
+    table = (_Proj * 4)()
+    for slot, (weight, adapters, mask) in zip(table, projs):
+        slot.packed, slot.scale, slot.out = weight.packed.data_ptr(), weight.scale.data_ptr(), weight.out_features
+        slot.bias = None if weight.bias is None else weight.bias.data_ptr()
+        if adapters.a is not None:
+            a_t, b = adapters.a_t, adapters.b
+            if a_t is None:
+                raise ValueError("decode_layer needs the adapters' A^T (a_t), built where the native library loads")
+            _check("decode_layer", a_t, b, *([] if mask is None else [mask]))
+            slot.a_t, slot.b, slot.rank = a_t.data_ptr(), b.data_ptr(), b.shape[0]
+            slot.mask = None if mask is None else mask.data_ptr()
+    heads = projs[0][0].out_features // d - 2 * kv
+    done = library().lk_decode_layer(
+        x.data_ptr(), n, x.shape[1], ln1.data_ptr(), ln2.data_ptr(), eps, table, cos.data_ptr(), sin.data_ptr(),
+        keys.data_ptr(), values.data_ptr(), size, first, pos.data_ptr(), valid.data_ptr(), heads, kv, d,
+        torch.get_num_threads())  # fmt: skip
+    if done != 0:
+        raise MemoryError(f"lk_decode_layer could not allocate its scratch for {n} rows")
+    return x

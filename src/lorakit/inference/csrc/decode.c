@@ -4,6 +4,8 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -74,4 +76,60 @@ void lk_lora(const float *x, long n, long in, const float *at, const float *b, l
             for (; i < out; i++) ym[i] += h * br[i];
         }
     }
+}
+
+/* ---- one whole decoder layer over int8 weights (the steps above and lk_int8_gemm / lk_attend_one in turn) ---- */
+
+void lk_int8_gemm(const float *x, long M, long K, long ldx, const int8_t *packed, const float *scale,
+                  const float *bias, float *y, long N, long ldy, int threads);
+void lk_attend_one(const float *q, const float *k, const float *v, long slot_stride, long head_stride,
+                   const long *valid, float *out, long n, long H, long Hkv, long D, int threads);
+
+typedef struct {
+    const int8_t *packed; /* lk_int8_gemm's tiles */
+    const float *scale;
+    const float *bias; /* or NULL */
+    long out;
+    const float *a_t;  /* the batch's stacked adapters (R, in), or NULL: none */
+    const float *b;    /* (R, out) */
+    long rank;
+    const float *mask; /* (n, R) 1/0, or NULL: every row uses every rank column */
+} lk_proj;
+
+static void project(const lk_proj *p, const float *x, long n, long in, float *y, int threads) {
+    lk_int8_gemm(x, n, in, in, p->packed, p->scale, p->bias, y, p->out, p->out, threads);
+    if (p->a_t) lk_lora(x, n, in, p->a_t, p->b, p->rank, p->out, p->mask, y, threads);
+}
+
+/* x (n, hidden) is updated in place: x += attention(norm1(x)); x += mlp(norm2(x)). proj: qkv, o, gate_up, down.
+   Returns 0, or -1 when scratch memory could not be allocated (x unchanged then). */
+int lk_decode_layer(float *x, long n, long hidden, const float *ln1, const float *ln2, float eps,
+                    const lk_proj *proj, const float *cos, const float *sin, float *keys, float *values, long size,
+                    long first, const long *pos, const long *valid, long H, long Hkv, long D, int threads) {
+    long width = (H + 2 * Hkv) * D, inter = proj[2].out / 2;
+    long big = width > 2 * inter ? width : 2 * inter;
+    float *h = malloc(sizeof(float) * n * (hidden + big + H * D + H * D + inter + hidden));
+    if (!h) return -1;
+    float *wide = h + n * hidden, *q = wide + n * big, *attn = q + n * H * D, *act = attn + n * H * D;
+    float *out = act + n * inter;
+
+    lk_rms_norm(x, n, hidden, ln1, eps, h);
+    project(&proj[0], h, n, hidden, wide, threads);
+    lk_rope_cache(wide, n, H, Hkv, D, cos, sin, q, keys, values, size, first, pos);
+    long slot = Hkv * size * D;
+    lk_attend_one(q, keys + first * slot, values + first * slot, slot, size * D, valid, attn, n, H, Hkv, D, threads);
+    project(&proj[1], attn, n, H * D, out, threads);
+    for (long i = 0; i < n * hidden; i++) x[i] += out[i];
+
+    lk_rms_norm(x, n, hidden, ln2, eps, h);
+    project(&proj[2], h, n, hidden, wide, threads);
+    for (long r = 0; r < n; r++) {
+        const float *g = wide + r * 2 * inter, *u = g + inter;
+        float *a = act + r * inter;
+        for (long i = 0; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+    project(&proj[3], act, n, inter, out, threads);
+    for (long i = 0; i < n * hidden; i++) x[i] += out[i];
+    free(h);
+    return 0;
 }
