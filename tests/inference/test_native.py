@@ -39,7 +39,7 @@ def test_int8_gemm_equals_the_formula_for_every_row_count_and_ragged_shape(threa
 
 
 @needs_native
-def test_int8_gemm_reads_strided_rows_and_keeps_the_inputs():
+def test_int8_gemm_reads_strided_rows_and_leading_dims_and_keeps_the_inputs():
     gen = torch.Generator().manual_seed(1)
     q, scale = quantize_int8(torch.randn(24, 40, generator=gen))
     weight = native.Int8Weight(q, scale, None)
@@ -49,6 +49,8 @@ def test_int8_gemm_reads_strided_rows_and_keeps_the_inputs():
     torch.testing.assert_close(weight(x), x @ (q.float() * scale[:, None]).T, atol=1e-4, rtol=1e-5)
     assert torch.equal(wide, before)
     assert weight.nbytes == 32 * 40 + 32 * 4  # padded to two tiles of 16 rows, fp32 scales
+    batched = torch.randn(2, 3, 40, generator=gen)  # (..., in) as F.linear takes it
+    torch.testing.assert_close(weight(batched), weight(batched.reshape(6, 40)).reshape(2, 3, 24), atol=0, rtol=0)
 
 
 @needs_native

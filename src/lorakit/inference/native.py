@@ -139,11 +139,14 @@ class Int8Weight:
         return self.packed.numel() + 4 * self.scale.numel()
 
     def __call__(self, x: Tensor) -> Tensor:
-        """``x @ (q * scale)^T + bias`` for fp32 ``x (n, in)`` on the CPU; fp32 ``(n, out)``."""
+        """``x @ (q * scale)^T + bias`` for fp32 ``x (..., in)`` on the CPU; fp32 ``(..., out)``."""
+        lead = x.shape[:-1]
+        if x.dim() != 2:
+            x = x.reshape(-1, self.in_features)
         if x.dtype != torch.float32 or x.stride(-1) != 1:
             x = x.float().contiguous()
         n = x.shape[0]
-        y = torch.empty(n, self.out_features)
+        y = torch.empty(*lead, self.out_features)
         if n:
             bias = 0 if self.bias is None else self.bias.data_ptr()
             self._fn(x.data_ptr(), n, self.in_features, x.stride(0), self.packed.data_ptr(), self.scale.data_ptr(),

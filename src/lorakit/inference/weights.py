@@ -48,6 +48,7 @@ class PackedWeight:
         if fmt not in WEIGHT_FORMATS:
             raise ConfigError(f"weight format {fmt!r} is not one of {WEIGHT_FORMATS}")
         self.fmt, self.bias = fmt, None if bias is None else bias.detach().float()
+        self.native: Int8Weight | None = None  # int8 on a CPU that builds lorakit's kernel
         self.out_features, self.in_features = weight.shape
         w = weight.detach()
         if fmt == "fp32":
