@@ -1,15 +1,22 @@
-"""lorakit's native CPU kernels (``csrc/``): the int8 GEMM and the fused steps of a decode layer, built with ``cc``.
+"""lorakit's native CPU kernels (``csrc/``), compiled on first use with the system C compiler, called through ctypes.
 
-Decode on a CPU reads every frozen weight once per token; PyTorch's int8 weight-only kernel takes bf16 activations
-and its GEMM slows down at a handful of rows, so the int8 format (`lorakit.inference.weights`) runs this kernel
-where it can: int8 weights (one scale per output row) widened to fp32 in registers, fp32 activations and fp32
-accumulation, a tile of 16 output columns read once per k for up to 6 rows.
+A decode step on a CPU is one token per row: every frozen weight is read once, and the arithmetic between the
+weight matmuls is small, so PyTorch's fixed cost per call (hundreds of calls per step) and its int8 kernel's bf16
+activations cost more than the work. The kernels, all fp32 arithmetic:
+
+- ``int8_gemm.c``: the int8 format's matmul (`Int8Weight`, used by `lorakit.inference.weights`): int8 weights with
+  one scale per output row, widened to fp32 in registers; fp32 activations and accumulation; a tile of 16 output
+  columns read once per k for up to 6 rows; every row summed in the same order whatever its batch-mates.
+- ``attend.c``: attention of one new query per row over that row's own cached columns (`attend_one`).
+- ``decode.c``: RMSNorm (`rms_norm`), the rotary embedding with the cache writes (`rope_cache`), per-row LoRA that
+  computes only each row's own rank columns (`lora`), and a whole decoder layer over int8 weights in one call
+  (`decode_layer`). `lorakit.inference.engine.DecodeEngine` uses them for decode steps on a CPU.
 
 The shared library is built once per source and compiler flags with ``$CC`` (default ``cc``) into
 ``$LORAKIT_HOME/native`` (default ``~/.cache/lorakit/native``), written to a temporary name and renamed, so
 concurrent processes never load a half-written file. It needs x86-64 with AVX2 and FMA, Linux's
 ``/proc/cpuinfo`` to say so, and a C compiler with OpenMP; where any is missing (or ``LORAKIT_NATIVE=0``),
-`library` returns None and the int8 format uses PyTorch's kernel instead (logged once, with the reason).
+`library` returns None (logged once, with the reason) and the engine runs PyTorch's ops and kernels instead.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ TILE = 16  # output rows per packed tile (NT in the C source)
 
 
 def unavailable_reason() -> str | None:
-    """Why the native kernel cannot run here (None: it can be built)."""
+    """Why the native kernels cannot run here (None: they can be built)."""
     if os.environ.get("LORAKIT_NATIVE", "1") == "0":
         return "LORAKIT_NATIVE=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -107,7 +114,7 @@ def library() -> ctypes.CDLL | None:
                                             c_long, c_long, ptr, ptr, c_long, c_long, c_long, ctypes.c_int]  # fmt: skip
             lib.lk_decode_layer.restype = ctypes.c_int
             return lib
-    log.info("lorakit's native int8 kernel is off (%s); int8 weights use PyTorch's kernel", reason)
+    log.info("lorakit's native kernels are off (%s); decode uses PyTorch's ops, int8 PyTorch's kernel", reason)
     return None
 
 
