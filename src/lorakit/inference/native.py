@@ -37,7 +37,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_gemm.c", "attend.c", "decode.c")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("int8_gemm.c", "attend.c", "decode.c")]
+HEADERS = [CSRC / "simd.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 TILE = 16  # output rows per packed tile (NT in the C source)
 
@@ -67,7 +69,7 @@ def _home() -> Path:
 def _build() -> Path:
     """Compile the source (once per source and flags) and return the shared library's path."""
     cc = os.environ.get("CC", "cc")
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     digest = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     target = _home() / f"lorakit_native_{digest}.so"
     if target.is_file():

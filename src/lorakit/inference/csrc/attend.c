@@ -7,24 +7,9 @@
    Rows are split over threads (OpenMP). */
 
 #include <immintrin.h>
+#include "simd.h"
 #include <math.h>
 #include <stdlib.h>
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float dot(const float *a, const float *b, long d) {
-    __m256 acc = _mm256_setzero_ps();
-    long i = 0;
-    for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum(acc);
-    for (; i < d; i++) s += a[i] * b[i];
-    return s;
-}
 
 void lk_attend_one(const float *q, const float *k, const float *v, long slot_stride, long head_stride,
                    const long *valid, float *out, long n, long H, long Hkv, long D, int threads) {
@@ -41,7 +26,7 @@ void lk_attend_one(const float *q, const float *k, const float *v, long slot_str
             float *o = out + (r * H + j) * D;
             float top = -INFINITY;
             for (long t = 0; t < T; t++) {
-                p[t] = dot(qj, kh + t * D, D) * scale;
+                p[t] = dot8(qj, kh + t * D, D) * scale;
                 if (p[t] > top) top = p[t];
             }
             float sum = 0.0f;
