@@ -272,6 +272,8 @@ class DecodeEngine:
         return x
 
     def _decode_hidden(self, tokens: Tensor, pos: Tensor, span: int, same_length: bool) -> Tensor:
+        if self._native:  # on a CPU: lorakit's fused kernels
+            return self._native_decode(self.embed[tokens].float(), pos, span, self._first)
         return self._extend_hidden(tokens[:, None], pos, span, self._first, causal_only=same_length)[:, 0]
 
     def _extend_hidden(self, ids: Tensor, start: Tensor, span: int, first: int, causal_only: bool) -> Tensor:
@@ -283,8 +285,6 @@ class DecodeEngine:
         n, w = ids.shape
         x = self.embed[ids].float()  # (rows, W, hidden)
         pos = start[:, None] + torch.arange(w, device=start.device)  # (rows, W)
-        if w == 1 and self._native:  # one new token per row on a CPU: lorakit's fused kernels
-            return self._native_decode(x[:, 0], pos[:, 0].contiguous(), span, first)[:, None]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (rows, 1, W, D)
         mask = None
         if not causal_only:
@@ -300,7 +300,7 @@ class DecodeEngine:
         return x
 
     def _native_decode(self, x: Tensor, pos: Tensor, span: int, first: int) -> Tensor:
-        """`_extend_hidden` of one token per row (``x (rows, hidden)`` at ``pos``) with lorakit's CPU kernels.
+        """The decode step's hidden states, one token per row (``x (rows, hidden)`` at ``pos``), in lorakit's kernels.
 
         The same math as `_layer` with fewer, fused calls (`lorakit.inference.native`): RMSNorm in one call; the
         rotary embedding, the q layout and the cache writes of k and v in one; attention over each row's own
