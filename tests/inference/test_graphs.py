@@ -136,9 +136,26 @@ def test_a_failed_capture_falls_back_to_the_eager_step(lora_llama, monkeypatch, 
     def cannot_capture(*args):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(engine.graphs, "decode_hidden", cannot_capture)
+    engine.graphs.capture = True  # the recording path, with the recording itself failing as on a real device
+    monkeypatch.setattr(engine.graphs, "_capture", cannot_capture)
     ids = prompts(2, seed=8)
     with caplog.at_level("WARNING", logger="lorakit.inference.engine"):
         got = run_engine(engine, ids, ["qv", "all"], 8, set())
     assert engine.graphs is None and "decoding without graphs" in caplog.text
     assert got == reference_generate(lora_llama, ids, ["qv", "all"], 8, [])
+
+
+def test_a_failed_replay_is_raised_not_hidden_by_an_eager_retry(lora_llama, monkeypatch):
+    engine = _static_engine(lora_llama, max_batch=2, max_len=40)
+    logits = engine.prefill(prompts(2, seed=9), ["qv", "all"])
+    engine.decode(logits.argmax(-1))  # recorded (the stand-in's static step)
+    graphs = engine.graphs
+    step = next(iter(graphs.steps.values()))
+
+    def replay_fails():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(step, "run", replay_fails)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.decode(logits.argmax(-1))
+    assert engine.graphs is graphs  # not switched off: the error is the caller's to see

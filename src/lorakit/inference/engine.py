@@ -26,7 +26,7 @@ from lorakit.errors import ConfigError
 from lorakit.inference import llama, native
 from lorakit.inference.adapters import ProjectionAdapters
 from lorakit.inference.batch_adapters import BatchAdapters
-from lorakit.inference.graphs import GRAPH_FORMATS, DecodeGraphs
+from lorakit.inference.graphs import GRAPH_FORMATS, DecodeGraphs, GraphCaptureError
 from lorakit.inference.prefix import PrefixCache
 from lorakit.inference.weights import PackedWeight
 
@@ -247,10 +247,13 @@ class DecodeEngine:
         return self._logits(hidden, self.rows)
 
     def _graph_step(self, tokens: Tensor, pos: Tensor) -> Tensor | None:
-        """The decode step through `graphs`; None (and graphs off from now on) if capturing fails."""
+        """The decode step through `graphs`; None (and graphs off from now on) if capturing fails.
+
+        Only a failed capture falls back; an error while replaying a recorded graph is raised like any other.
+        """
         try:
             return self.graphs.decode_hidden(tokens, pos)
-        except RuntimeError as exc:  # a kernel that cannot be captured: decode eagerly from now on
+        except GraphCaptureError as exc:  # a kernel that cannot be captured: decode eagerly from now on
             log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
             self.graphs = None
             return None

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 GRAPH_FORMATS = ("fp32", "fp16", "bf16")  # int8/int4 are CPU kernels; nf4 dequantizes per call
 
 
+class GraphCaptureError(RuntimeError):
+    """Recording a decode step as a CUDA graph failed (the engine then decodes eagerly)."""
+
+
 @dataclass
 class _Step:
     tokens: Tensor  # (rows,) static input
@@ -53,8 +57,9 @@ class DecodeGraphs:
         limit: Most graphs kept (least recently used go first).
 
     Attributes:
-        captures: Graphs recorded so far (re-captures included). A capture that raises is the engine's to handle
-            (it decodes eagerly from then on).
+        captures: Graphs recorded so far (re-captures included). A capture that raises is re-raised as
+            `GraphCaptureError`, the engine's to handle (it decodes eagerly from then on); a replay that raises
+            raises as it is.
     """
 
     def __init__(self, engine: DecodeEngine, *, capture: bool | None = None, limit: int = 64) -> None:
@@ -101,16 +106,10 @@ class DecodeGraphs:
         if not self.capture:
             step.run = static_step
         else:
-            # warm up on a side stream (lazy library handles), then record; the warm-up's key/value writes are
-            # the same ones the first replay makes
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                static_step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                step.out = static_step()
+            try:
+                graph = self._capture(static_step, step)
+            except RuntimeError as exc:  # a kernel that cannot be captured (replays' errors are not caught)
+                raise GraphCaptureError(str(exc)) from exc
 
             def replay() -> Tensor:
                 graph.replay()
@@ -122,3 +121,17 @@ class DecodeGraphs:
         while len(self.steps) > self.limit:
             self.steps.popitem(last=False)
         return step
+
+    def _capture(self, static_step: Callable[[], Tensor], step: _Step) -> torch.cuda.CUDAGraph:
+        """Record ``static_step`` as a CUDA graph (its output lands in ``step.out``)."""
+        # warm up on a side stream (lazy library handles), then record; the warm-up's key/value writes are the
+        # same ones the first replay makes
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            static_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step.out = static_step()
+        return graph
