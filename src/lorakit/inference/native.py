@@ -186,6 +186,13 @@ def _check(name: str, *tensors: Tensor) -> None:
             raise ValueError(f"{name} needs contiguous fp32 CPU tensors, got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
+def _check_cache(keys: Tensor, first: int, n: int, span: int, *index: Tensor) -> None:
+    """Rows ``first..first + n`` below column ``span`` fit ``keys (slots, Hkv, size, D)``; indices int64, contiguous."""
+    slots, _, size, _ = keys.shape
+    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in index) or first + n > slots or span > size:
+        raise ValueError(f"rows {first}..{first + n} below column {span} do not fit a cache of {tuple(keys.shape)}")
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm of each row of ``x (n, d)`` (as `lorakit.inference.llama.rms_norm`) in one call."""
     _check("rms_norm", x, weight)
@@ -204,10 +211,9 @@ def rope_cache(
     ``span``), and returns q ``(n, H, D)``.
     """
     _check("rope_cache", qkv, cos, sin, keys, values)
-    slots, kv, size, d = keys.shape
+    _, kv, size, d = keys.shape
     n = qkv.shape[0]
-    if pos.dtype != torch.int64 or not pos.is_contiguous() or first + n > slots or span > size:
-        raise ValueError(f"rows {first}..{first + n} below column {span} do not fit a cache of {tuple(keys.shape)}")
+    _check_cache(keys, first, n, span, pos)
     q = torch.empty(n, qkv.shape[1] // d - 2 * kv, d)
     library().lk_rope_cache(qkv.data_ptr(), n, q.shape[1], kv, d, cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
                             keys.data_ptr(), values.data_ptr(), size, first, pos.data_ptr())  # fmt: skip
@@ -240,10 +246,9 @@ def decode_layer(
     (`lorakit.inference.adapters.ProjectionAdapters`). ``x (n, hidden)`` contiguous fp32.
     """
     _check("decode_layer", x, ln1, ln2, cos, sin, keys, values)
-    slots, kv, size, d = keys.shape
+    _, kv, size, d = keys.shape
     n = x.shape[0]
-    if pos.dtype != torch.int64 or valid.dtype != torch.int64 or first + n > slots or span > size:
-        raise ValueError(f"rows {first}..{first + n} below column {span} do not fit a cache of {tuple(keys.shape)}")
+    _check_cache(keys, first, n, span, pos, valid)
     table = (_Proj * 4)()
     for slot, (weight, adapters, mask) in zip(table, projs):
         slot.packed, slot.scale, slot.out = weight.packed.data_ptr(), weight.scale.data_ptr(), weight.out_features
