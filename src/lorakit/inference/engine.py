@@ -92,7 +92,8 @@ class DecodeEngine:
         self.graphs: DecodeGraphs | None = DecodeGraphs(self) if use else None
         # decode steps through lorakit's fused C kernels (`lorakit.inference.native`) on a CPU that can build them
         self._native = self.device.type == "cpu" and not compile and native.library() is not None
-        self._fuse_layers = self._native and weights == "int8"  # int8: a whole layer per call (`native.decode_layer`)
+        # int8 on such a CPU: every projection (and every re-pack) is a `native.Int8Weight`, so a whole layer per call
+        self._fuse_layers = self._native and weights == "int8"
 
     def _block(self, index: int, layer: nn.Module) -> llama.Block:
         path = f"model.layers.{index}"
@@ -311,7 +312,7 @@ class DecodeEngine:
         """
         n, eps = x.shape[0], self.dims.eps
         cos, sin, valid = self.cos[pos], self.sin[pos], pos + 1  # (rows, D), (rows, D), (rows,)
-        if self._fuse_layers and all(p.native is not None for b in self.blocks for p in b.proj.values()):
+        if self._fuse_layers:
             x = x.contiguous()  # a fresh tensor (the embedding lookup), updated in place layer by layer
             for i, block in enumerate(self.blocks):  # each layer in one call, the same kernels in the same order
                 projs = [(block.proj[k].native, block.adapters[k], block.masks[k]) for k in llama.FUSED]
